@@ -1,0 +1,1 @@
+"""cortexlens online system: Ray Serve application, gRPC servicers, ingestion, registry, CLI."""

@@ -1,0 +1,86 @@
+"""`cortexlens` command line: one typed CLI (typer) for data, training, serving and operations.
+
+Heavy imports (torch, ray) happen inside the commands that need them, so `--help` and the
+data commands start fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from service.cli import data as data_cmds
+
+app = typer.Typer(
+    name="cortexlens",
+    help="Online decoding and explanation of neural activity (two-photon calcium imaging).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(data_cmds.app, name="data")
+
+
+def default_data_dir() -> Path:
+    """The shipped real data: $CORTEXLENS_DATA, else ../shared/data/park2024 beside the repo."""
+    env = os.environ.get("CORTEXLENS_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "park2024"
+
+
+@app.command("demo")
+def demo(
+    data: Annotated[
+        Path | None, typer.Option(help="Recordings to use (default: the shipped Park sessions).")
+    ] = None,
+) -> None:
+    """The main job: summarise the shipped real recordings (grows into the live demo)."""
+    data = data or default_data_dir()
+    typer.echo(f"cortexlens demo: recordings in {data}")
+    data_cmds.info([str(data)], as_json=False)
+
+
+def _register_optional() -> None:
+    """Command groups added by later parts of the system register here."""
+    import importlib
+
+    for mod in ("service.cli.model",):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                continue
+            raise
+        m.register(app)
+
+
+_register_optional()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one clear line on stderr and exit status 2."""
+    from models.config import ConfigError
+    from models.data.recording import DataError
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except (DataError, ConfigError) as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
