@@ -64,12 +64,13 @@ _register_optional()
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one clear line on stderr and exit status 2."""
+    from models.bundle import BundleError
     from models.config import ConfigError
     from models.data.recording import DataError
 
     try:
-        app(args=argv, standalone_mode=False)
-    except (DataError, ConfigError) as e:
+        rc = app(args=argv, standalone_mode=False)
+    except (DataError, ConfigError, BundleError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         sys.exit(2)
     except typer.Exit as e:
@@ -84,3 +85,5 @@ def main(argv: list[str] | None = None) -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
