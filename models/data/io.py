@@ -50,7 +50,12 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
             hits = sorted(Path(h) for h in glob.glob(s, recursive=True))
             if not hits:
                 raise DataError("glob matched no files", source=s)
-            out.extend(h for h in hits if h.is_file() and h.suffix.lower() in READERS)
+            files = [h for h in hits if h.is_file() and h.suffix.lower() in READERS]
+            if not files:
+                raise DataError(
+                    f"glob matched no supported files ({', '.join(sorted(READERS))})", source=s
+                )
+            out.extend(files)
             continue
         path = Path(p)
         if path.is_dir():
