@@ -49,7 +49,12 @@ def _register_optional() -> None:
     """Command groups added by later parts of the system register here."""
     import importlib
 
-    for mod in ("service.cli.model", "service.cli.interpret", "service.cli.bundle"):
+    for mod in (
+        "service.cli.model",
+        "service.cli.evaluate",
+        "service.cli.interpret",
+        "service.cli.bundle",
+    ):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -302,7 +302,7 @@ class GetSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionStatus(_message.Message):
-    __slots__ = ("session_id", "state", "frames_received", "frames_recorded", "frames_decoded", "duplicates_dropped", "frames_missing", "late_dropped", "last_frame_index", "n_cells", "model")
+    __slots__ = ("session_id", "state", "frames_received", "frames_recorded", "frames_decoded", "duplicates_dropped", "frames_missing", "late_dropped", "last_frame_index", "n_cells", "model", "late_filled", "decodes_coalesced")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[SessionStatus.State]
@@ -324,6 +324,8 @@ class SessionStatus(_message.Message):
     LAST_FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
     N_CELLS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    LATE_FILLED_FIELD_NUMBER: _ClassVar[int]
+    DECODES_COALESCED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     state: SessionStatus.State
     frames_received: int
@@ -335,4 +337,6 @@ class SessionStatus(_message.Message):
     last_frame_index: int
     n_cells: int
     model: ModelRef
-    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Union[SessionStatus.State, str]] = ..., frames_received: _Optional[int] = ..., frames_recorded: _Optional[int] = ..., frames_decoded: _Optional[int] = ..., duplicates_dropped: _Optional[int] = ..., frames_missing: _Optional[int] = ..., late_dropped: _Optional[int] = ..., last_frame_index: _Optional[int] = ..., n_cells: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ...) -> None: ...
+    late_filled: int
+    decodes_coalesced: int
+    def __init__(self, session_id: _Optional[str] = ..., state: _Optional[_Union[SessionStatus.State, str]] = ..., frames_received: _Optional[int] = ..., frames_recorded: _Optional[int] = ..., frames_decoded: _Optional[int] = ..., duplicates_dropped: _Optional[int] = ..., frames_missing: _Optional[int] = ..., late_dropped: _Optional[int] = ..., last_frame_index: _Optional[int] = ..., n_cells: _Optional[int] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., late_filled: _Optional[int] = ..., decodes_coalesced: _Optional[int] = ...) -> None: ...
