@@ -69,6 +69,8 @@ _register_optional()
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one clear line on stderr and exit status 2."""
+    from pydantic import ValidationError
+
     from models.bundle import BundleError
     from models.config import ConfigError
     from models.data.recording import DataError
@@ -77,6 +79,11 @@ def main(argv: list[str] | None = None) -> None:
         rc = app(args=argv, standalone_mode=False)
     except (DataError, ConfigError, BundleError) as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except ValidationError as e:  # a typed config built from command-line options
+        for err in e.errors():
+            where = ".".join(str(x) for x in err["loc"]) or e.title
+            typer.secho(f"error: {where}: {err['msg']}", fg=typer.colors.RED, err=True)
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -87,13 +87,23 @@ def simulate(
     sessions: Annotated[int, typer.Option(min=1, help="Number of sessions.")] = 1,
     cells: Annotated[int, typer.Option(min=1, help="Cells per session.")] = 200,
     minutes: Annotated[float, typer.Option(min=0.1, help="Minutes per session.")] = 10.0,
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same corpus).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed (same seed, same corpus).")] = 0,
+    cre_line: Annotated[
+        str | None, typer.Option(help="Cre line for every session (default: drawn by seed).")
+    ] = None,
     fmt: Annotated[OutFormat, typer.Option("--format", help="Output format.")] = OutFormat.nwb,
 ) -> None:
     """Simulate Allen Brain Observatory-like sessions (~30 Hz) with ground truth beside them."""
-    from models.data.simulate import simulate_corpus
+    from models.data.simulate import SimConfig, simulate_corpus
 
+    config = SimConfig(n_cells=cells, minutes=minutes, cre_line=cre_line)
     paths = simulate_corpus(
-        n_sessions=sessions, n_cells=cells, minutes=minutes, seed=seed, out_dir=out, fmt=fmt.value
+        n_sessions=sessions,
+        n_cells=cells,
+        minutes=minutes,
+        seed=seed,
+        out_dir=out,
+        fmt=fmt.value,
+        config=config,
     )
     typer.echo(f"wrote {len(paths)} session(s) with ground truth to {out}")

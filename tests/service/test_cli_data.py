@@ -91,3 +91,33 @@ def test_truncated_file_via_the_installed_script(park_files, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {cut}")
     assert "Traceback" not in proc.stderr
+
+
+def test_simulate_cli_writes_sessions_and_rejects_bad_options(tmp_path, capsys):
+    import pytest
+
+    from service.cli import main
+
+    out = tmp_path / "sim"
+    with pytest.raises(SystemExit) as ei:
+        main(["data", "simulate", "--out", str(out), "--cre-line", "NoSuchCre"])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown Cre line 'NoSuchCre'" in err and "Traceback" not in err
+    main(
+        [
+            "data", "simulate", "--sessions", "2", "--cells", "12", "--minutes", "0.5",
+            "--seed", "1", "--cre-line", "Vip-IRES-Cre", "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        "sim-s1-000.nwb",
+        "sim-s1-000.truth.json",
+        "sim-s1-001.nwb",
+        "sim-s1-001.truth.json",
+    ]
+    from models.data.io import load_recordings
+
+    recs = load_recordings([out])
+    assert [r.genetic_background for r in recs] == ["Vip-IRES-Cre"] * 2
+    assert all(r.n_units == 12 and r.sampling_rate == 30.0 for r in recs)
