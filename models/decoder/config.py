@@ -1,0 +1,80 @@
+"""Typed configs of the decoder and its training (the one config system: `models.config`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from models.config import Config
+
+TokenizerName = Literal["patch", "poyo"]
+
+
+class DecoderConfig(Config):
+    """Architecture of the decoder. Vocabulary sizes grow when sessions are added."""
+
+    tokenizer: TokenizerName = "patch"
+    window_s: float = Field(1.0, gt=0, description="context window ending at each decoded time")
+    patch_samples: int = Field(16, ge=1, description="patch: samples per cell token")
+    dim: int = Field(64, ge=8)
+    dim_head: int = Field(32, ge=4)
+    cross_heads: int = Field(2, ge=1)
+    self_heads: int = Field(2, ge=1)
+    depth: int = Field(2, ge=0, description="self-attention layers in the processor")
+    num_latents: int = Field(8, ge=1, description="latent tokens spread along the window")
+    ffn_mult: int = Field(2, ge=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    emb_init_scale: float = Field(0.02, description="init std of session/task/latent rows")
+    unit_init_scale: float = Field(1.0, description="init std of unit embedding rows")
+    t_min: float = Field(0.02, gt=0, description="shortest rotary period (s)")
+    t_max: float = Field(4.0, gt=0, description="longest rotary period (s)")
+    n_units: int = Field(1, ge=1, description="rows of the unit embedding")
+    n_sessions: int = Field(1, ge=1, description="rows of the session embedding")
+    tasks: dict[str, int] = Field(
+        default_factory=lambda: {"direction": 8}, description="task -> number of classes"
+    )
+
+    @property
+    def value_dim(self) -> int:
+        return self.patch_samples if self.tokenizer == "patch" else 1
+
+
+class TrainConfig(Config):
+    """Training hyper-parameters (CPU-friendly defaults)."""
+
+    seed: int = 0
+    epochs: int = Field(80, ge=1)
+    patience: int = Field(20, ge=1, description="epochs without val improvement before stopping")
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    emb_lr_mult: float = Field(
+        1.0, gt=0, description="learning-rate multiplier of the unit and session embeddings"
+    )
+    warmup_epochs: int = Field(2, ge=0)
+    windows_per_trial: int = Field(4, ge=1, description="training windows per trial per epoch")
+    train_from_s: float = Field(
+        0.5, description="training windows end from this long after onset ..."
+    )
+    train_post_s: float = Field(0.0, ge=0, description="... to this long after the trial end")
+    decode_from_s: float = Field(
+        1.0, description="trial-level decoding pools windows ending from onset + this to the end"
+    )
+    unit_dropout: float = Field(0.1, ge=0, lt=1, description="fraction of cells hidden per window")
+    noise_std: float = Field(0.1, ge=0, description="gaussian noise on normalised values")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    genetic_weight: float = Field(0.2, ge=0, description="loss weight of the genetic task")
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    threads: int = Field(1, ge=1, description="torch CPU threads (1 is fastest for small models)")
+    max_minutes: float | None = Field(None, description="stop training after this wall time")
+
+
+class CheckpointConfig(Config):
+    """What `config.json` of a checkpoint holds."""
+
+    decoder: DecoderConfig
+    training: TrainConfig | None = None
+    sources: list[str] = Field(default_factory=list, description="data the model was trained on")
+    parent: str | None = Field(None, description="checkpoint this one was adapted from")

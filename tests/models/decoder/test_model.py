@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from models.decoder.checkpoint import Checkpoint
+from models.decoder.config import CheckpointConfig, DecoderConfig, TrainConfig
+from models.decoder.model import Decoder
+from models.decoder.tokenizers import collate, tokenizer_for
+from models.decoder.windows import SessionData, build_batch, decode_frames
+from models.train import build_vocab, set_unit_stats, task_sizes
+
+
+def make_model(recs, tokenizer="patch", seed=0, **kw):
+    torch.manual_seed(seed)
+    vocab = build_vocab(recs)
+    cfg = DecoderConfig(
+        tokenizer=tokenizer,
+        n_units=vocab.n_units,
+        n_sessions=vocab.n_sessions,
+        tasks=task_sizes(recs, vocab.genetic_classes),
+        **kw,
+    )
+    model = Decoder(cfg)
+    for r in recs:
+        set_unit_stats(model, vocab, r)
+    model.eval()
+    return model, vocab
+
+
+@pytest.mark.parametrize("tokenizer", ["patch", "poyo"])
+def test_shapes_and_padding_invariance(small_recs, tokenizer):
+    model, vocab = make_model(small_recs, tokenizer)
+    tok = tokenizer_for(model.config)
+    sds = [SessionData.build(r, vocab) for r in small_recs]
+    samples, sess = [], []
+    for sd in sds:  # different cell counts and frame rates in one batch
+        f = int(decode_frames(sd.rec, 3, 0.5)[5])
+        samples.append(sd.tokenize(tok, f, sd.lower[3]))
+        sess.append(sd.session_index)
+    batch = {k: torch.as_tensor(v) for k, v in collate(samples, sess, pad_to=500).items()}
+    assert batch["mask"].shape[1] == 500 and not batch["mask"].all()
+    with torch.no_grad():
+        out = model.forward_batch(batch)
+    assert set(out) == {"direction", "temporal_frequency", "genetic"}
+    assert out["direction"].shape == (2, 8)
+    assert out["temporal_frequency"].shape == (2, 5)
+    assert out["genetic"].shape == (2, 2)
+    for i, s in enumerate(samples):  # each example alone, unpadded
+        single = {k: torch.as_tensor(v) for k, v in collate([s], [sess[i]]).items()}
+        assert bool(single["mask"].all())
+        with torch.no_grad():
+            o1 = model.forward_batch(single)
+        for task in out:
+            torch.testing.assert_close(o1[task][0], out[task][i], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokenizer", ["patch", "poyo"])
+def test_causal_frames_after_the_window_end_do_not_matter(small_recs, tokenizer):
+    rec = small_recs[0]
+    model, vocab = make_model(small_recs, tokenizer)
+    tok = tokenizer_for(model.config)
+    ends = rec.trials.start[:4] + 0.8
+    a = build_batch(rec, ends, tok, vocab)
+    traces = rec.traces.copy()
+    cut = rec.frame_index(ends.min()) + 1
+    traces[cut:] = np.random.default_rng(0).normal(5, 3, traces[cut:].shape)
+    rec2 = rec.replace(traces=traces)
+    b = build_batch(rec2, ends[:1], tok, vocab)
+    with torch.no_grad():
+        oa, ob = model.forward_batch(a), model.forward_batch(b)
+    for t in oa:
+        torch.testing.assert_close(oa[t][:1], ob[t], rtol=1e-5, atol=1e-6)
+    # and the later windows do see the change
+    c = build_batch(rec2, ends, tok, vocab)
+    with torch.no_grad():
+        oc = model.forward_batch(c)
+    assert not torch.allclose(oa["direction"][1:], oc["direction"][1:])
+
+
+def test_encode_readout_split_equals_forward(small_recs):
+    model, vocab = make_model(small_recs)
+    batch = build_batch(
+        small_recs[1], small_recs[1].trials.start[:3] + 1.0, tokenizer_for(model.config), vocab
+    )
+    with torch.no_grad():
+        full = model(**batch)
+        lat = model.encode(batch)
+        split = model.readout(lat, batch)
+    assert lat.shape == (3, model.config.num_latents, model.config.dim)
+    for t in full:
+        torch.testing.assert_close(full[t], split[t], rtol=0, atol=0)
+
+
+def test_config_round_trip(tmp_path):
+    cfg = CheckpointConfig(
+        decoder=DecoderConfig(tokenizer="poyo", dim=32, tasks={"direction": 8, "genetic": 3}),
+        training=TrainConfig(epochs=3, seed=5),
+        sources=["a.mat"],
+    )
+    p = cfg.save(tmp_path / "config.json")
+    assert CheckpointConfig.load(p) == cfg
+    raw = json.loads(p.read_text())
+    raw["decoder"]["dimm"] = 3
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    from models.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        CheckpointConfig.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("tokenizer", ["patch", "poyo"])
+def test_checkpoint_round_trip(small_recs, tmp_path, tokenizer):
+    model, vocab = make_model(small_recs, tokenizer)
+    ck = Checkpoint(model=model, config=CheckpointConfig(decoder=model.config), vocab=vocab)
+    ck.save(tmp_path / "ck")
+    for name in ("config.json", "decoder.safetensors", "vocab.json", "splits.json"):
+        assert (tmp_path / "ck" / name).is_file()
+    with safe_open(str(tmp_path / "ck" / "decoder.safetensors"), "pt") as f:
+        assert "unit_emb.weight" in f.keys() and "unit_scale" in f.keys()
+    ck2 = Checkpoint.load(tmp_path / "ck")
+    assert not ck2.model.training
+    assert ck2.vocab.to_dict() == vocab.to_dict()
+    batch = build_batch(small_recs[0], [5.0, 9.0], ck.tokenizer, vocab)
+    with torch.no_grad():
+        a, b = model.forward_batch(batch), ck2.model.forward_batch(batch)
+    for t in a:
+        torch.testing.assert_close(a[t], b[t], rtol=0, atol=0)
+
+
+def test_vocab_growth_keeps_old_outputs(small_recs):
+    from tests.models.decoder.conftest import make_recording
+
+    model, vocab = make_model(small_recs)
+    batch = build_batch(small_recs[0], [5.0, 9.0], tokenizer_for(model.config), vocab)
+    with torch.no_grad():
+        before = model.forward_batch(batch)
+    new = make_recording("s_new", n_cells=5, seed=3)
+    vocab.add_recording(new)
+    model.grow(vocab.n_units, vocab.n_sessions)
+    assert model.unit_emb.num_embeddings == vocab.n_units == 22
+    assert model.session_emb.num_embeddings == 3
+    assert model.config.n_units == 22 and model.config.n_sessions == 3
+    with torch.no_grad():
+        after = model.forward_batch(batch)
+        out_new = model.forward_batch(build_batch(new, [5.0], tokenizer_for(model.config), vocab))
+    for t in before:
+        torch.testing.assert_close(before[t], after[t], rtol=0, atol=0)
+    assert torch.isfinite(out_new["direction"]).all()
+
+
+def test_unknown_session_is_a_clear_error(small_recs):
+    from tests.models.decoder.conftest import make_recording
+
+    model, vocab = make_model(small_recs)
+    with pytest.raises(KeyError, match="adapt"):
+        build_batch(make_recording("zzz"), [5.0], tokenizer_for(model.config), vocab)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokenizer", ["patch", "poyo"])
+def test_onnx_export_dynamo_matches_torch(small_recs, tmp_path, tokenizer):
+    ort = pytest.importorskip("onnxruntime")
+    model, vocab = make_model(small_recs, tokenizer)
+    tok = tokenizer_for(model.config)
+    b = build_batch(small_recs[0], [5.0, 9.0], tok, vocab)
+    names = ("values", "unit_index", "timestamps", "mask", "session_index")
+    batch_dim, tok_dim = torch.export.Dim("batch"), torch.export.Dim("tokens")
+    ds = {k: {0: batch_dim, 1: tok_dim} for k in names[:4]}
+    ds["session_index"] = {0: batch_dim}
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(
+        model,
+        tuple(b[k] for k in names),
+        str(path),
+        dynamo=True,
+        dynamic_shapes=ds,
+        input_names=list(names),
+        output_names=list(model.task_names),
+    )
+    sess = ort.InferenceSession(str(path))
+    b2 = build_batch(small_recs[1], [5.0, 6.0, 7.0], tok, vocab)  # other batch and cell counts
+    out = sess.run(None, {k: b2[k].numpy() for k in names})
+    with torch.no_grad():
+        ref = model.forward_batch(b2)
+    for name, o in zip([o.name for o in sess.get_outputs()], out, strict=True):
+        np.testing.assert_allclose(o, ref[name].numpy(), rtol=1e-4, atol=1e-5)
