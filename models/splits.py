@@ -56,18 +56,20 @@ def split_trials(
         strata = strata * 16 + np.maximum(labels["temporal_frequency"], 0)
     usable = np.flatnonzero(labels["direction"] >= 0)
     rng = np.random.default_rng(_session_seed(rec.session_id, seed))
-    train, val, test = [], [], []
+    # Each stratum is shuffled and its trials get evenly spaced keys in [0, 1) (with jitter);
+    # sorting all trials by key and cutting at the global fractions keeps every stratum
+    # represented in proportion, and gives validation trials even when strata are small
+    # (5 trials per condition x 10% would round to none per stratum).
+    key = np.empty(usable.size)
     for s in np.unique(strata[usable]):
-        idx = usable[strata[usable] == s]
-        idx = idx[rng.permutation(idx.size)]
-        n_test = int(round(idx.size * test_fraction))
-        n_val = int(round(idx.size * val_fraction))
-        test.extend(idx[:n_test])
-        val.extend(idx[n_test : n_test + n_val])
-        train.extend(idx[n_test + n_val :])
-    return TrialSplit(
-        rec.session_id, *(np.sort(np.asarray(x, dtype=np.int64)) for x in (train, val, test))
-    )
+        pos = np.flatnonzero(strata[usable] == s)
+        pos = pos[rng.permutation(pos.size)]
+        key[pos] = (np.arange(pos.size) + rng.random(pos.size)) / pos.size
+    order = usable[np.argsort(key, kind="stable")]
+    n_test = int(round(usable.size * test_fraction))
+    n_val = int(round(usable.size * val_fraction))
+    test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
+    return TrialSplit(rec.session_id, *(np.sort(x).astype(np.int64) for x in (train, val, test)))
 
 
 def split_all(recordings, *, seed: int = 0, **kw) -> dict[str, TrialSplit]:
