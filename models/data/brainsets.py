@@ -32,17 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
+from models.data.hdf5 import one_line, open_hdf5
 from models.data.recording import DataError, Recording, Trials
 
 CRE_LINE_KEYS = ("subject/cre_line", "subject.cre_line")
 _TRIAL_SKIP = {"start", "end", "orientation", "temporal_frequency", "timestamps"}
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    msg = " ".join(str(e).split())
-    if len(msg) > limit:
-        msg = msg[: limit - 3] + "..."
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def _text(v) -> str:
@@ -194,7 +188,7 @@ def write_brainsets(rec: Recording, path: str | Path) -> Path:
             f.attrs["object"] = "Data"
             f.attrs["absolute_start"] = 0.0
     except (OSError, ValueError, TypeError) as e:
-        raise DataError(f"cannot write HDF5 file ({_one_line(e)})", source=path) from None
+        raise DataError(f"cannot write HDF5 file ({one_line(e)})", source=path) from None
     return path
 
 
@@ -216,24 +210,9 @@ def _json_default(o):
 # -- reading ------------------------------------------------------------------------------------
 def read_brainsets(path: str | Path) -> Recording:
     """Read a brainsets/temporaldata HDF5 session (layout in the module docstring)."""
-    import h5py
-
     path = Path(path)
-    if not path.is_file():
-        raise DataError("no such file", source=path)
-    try:
-        is_h5 = h5py.is_hdf5(path)
-    except OSError as e:
-        raise DataError(f"cannot open file ({_one_line(e)})", source=path) from None
-    if not is_h5:
-        raise DataError("not an HDF5 file", source=path)
-    try:
-        with h5py.File(path, "r") as f:
-            return _read(f, path)
-    except DataError:
-        raise
-    except Exception as e:  # truncated/corrupt files: h5py raises OSError/KeyError/...
-        raise DataError(f"corrupt or truncated HDF5 file ({_one_line(e)})", source=path) from None
+    with open_hdf5(path, not_hdf5="not an HDF5 file") as f:
+        return _read(f, path)
 
 
 def _group(f, name: str, path: Path, *, required: bool = True):
@@ -428,7 +407,7 @@ def _read(f, path: Path) -> Recording:
             metadata = json.loads(_text(facts["metadata_json"]))
         except ValueError as e:
             raise DataError(
-                f"is not valid JSON ({_one_line(e)})", source=path, field="cortexlens/metadata_json"
+                f"is not valid JSON ({one_line(e)})", source=path, field="cortexlens/metadata_json"
             ) from None
     else:
         for key in (

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.data.hdf5 import one_line, open_hdf5
 from models.data.recording import DataError, Recording, Trials
 
 SCRATCH_NAME = "cortexlens_recording"
@@ -71,17 +72,6 @@ _AREA_TO_CCF = {
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    """``Type: first line of the message``, without hdmf's builder dumps, at most ``limit``."""
-    msg = " ".join(str(e).split())
-    i = msg.find("Could not construct")  # hdmf ConstructError: keep the reason, not the dump
-    if i >= 0:
-        msg = msg[i:].rstrip("')\"")
-    if len(msg) > limit:
-        msg = msg[: limit - 3] + "..."
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-
-
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -183,7 +173,7 @@ def write_nwb(rec: Recording, path: str | Path) -> Path:
     except DataError:
         raise
     except (OSError, ValueError, TypeError) as e:
-        raise DataError(f"cannot write NWB file ({_one_line(e)})", source=path) from None
+        raise DataError(f"cannot write NWB file ({one_line(e)})", source=path) from None
     return path
 
 
@@ -357,29 +347,14 @@ def _build_nwbfile(rec: Recording, path: Path):
 # -- reading ------------------------------------------------------------------------------------
 def read_nwb(path: str | Path) -> Recording:
     """Read an NWB file (ours or another tool's) into a `Recording`."""
-    import h5py
-
     path = Path(path)
-    if not path.is_file():
-        raise DataError("no such file", source=path)
-    try:
-        is_h5 = h5py.is_hdf5(path)
-    except OSError as e:
-        raise DataError(f"cannot open file ({_one_line(e)})", source=path) from None
-    if not is_h5:
-        raise DataError("not an NWB file (not HDF5)", source=path)
-    try:
-        with h5py.File(path, "r") as f:
-            if "nwb_version" not in f.attrs:
-                if "nwb_version" in f:  # NWB 1.x keeps it as a dataset
-                    raise DataError(
-                        "NWB 1.x files are not supported (pynwb reads NWB 2.x)", source=path
-                    )
-                raise DataError("not an NWB file (no 'nwb_version' attribute)", source=path)
-    except DataError:
-        raise
-    except Exception as e:  # truncated/corrupt HDF5
-        raise DataError(f"corrupt or truncated HDF5 file ({_one_line(e)})", source=path) from None
+    with open_hdf5(path, not_hdf5="not an NWB file (not HDF5)") as f:
+        if "nwb_version" not in f.attrs:
+            if "nwb_version" in f:  # NWB 1.x keeps it as a dataset
+                raise DataError(
+                    "NWB 1.x files are not supported (pynwb reads NWB 2.x)", source=path
+                )
+            raise DataError("not an NWB file (no 'nwb_version' attribute)", source=path)
 
     from pynwb import NWBHDF5IO
 
@@ -392,7 +367,7 @@ def read_nwb(path: str | Path) -> Recording:
     except DataError:
         raise
     except Exception as e:  # pynwb/hdmf/h5py raise many kinds for broken files
-        raise DataError(f"cannot read NWB file ({_one_line(e)})", source=path) from None
+        raise DataError(f"cannot read NWB file ({one_line(e)})", source=path) from None
 
 
 def _find_dff(nwb, path: Path):
@@ -550,7 +525,7 @@ def _from_nwbfile(nwb, path: Path) -> Recording:
             facts = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
         except (ValueError, TypeError) as e:
             raise DataError(
-                f"is not valid JSON ({_one_line(e)})", source=path, field=f"scratch/{SCRATCH_NAME}"
+                f"is not valid JSON ({one_line(e)})", source=path, field=f"scratch/{SCRATCH_NAME}"
             ) from None
 
     where, series = _find_dff(nwb, path)

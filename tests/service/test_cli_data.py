@@ -8,14 +8,7 @@ from pathlib import Path
 import pytest
 
 from service.cli import main
-
-EXPECTED = {  # from ../shared/data/park2024/README.md
-    "mrcuts24": (28, "KO"),
-    "mrcuts25": (53, "KO"),
-    "mrcuts26": (74, "KO"),
-    "mrcuts28": (56, "control"),
-    "mrcuts29": (18, "control"),
-}
+from tests.models.data.test_park import EXPECTED
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
