@@ -53,6 +53,7 @@ def _register_optional() -> None:
         "service.cli.model",
         "service.cli.evaluate",
         "service.cli.interpret",
+        "service.cli.export",
         "service.cli.bundle",
     ):
         try:
