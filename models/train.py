@@ -286,6 +286,11 @@ def train(
     has_val = sum(len(v) for v in val_tr) > 0
     t0 = time.time()
     n_params = sum(p.numel() for p in model.parameters())
+    ema = (
+        {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if tcfg.ema_decay > 0
+        else None
+    )
     bar = tqdm(range(1, tcfg.epochs + 1), desc="train", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
@@ -309,8 +314,18 @@ def train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for k, v in model.state_dict().items():
+                        if v.dtype.is_floating_point:
+                            ema[k].lerp_(v, 1.0 - tcfg.ema_decay)
+                        else:
+                            ema[k].copy_(v)
             tot += float(loss.detach()) * len(batch["session_index"])
             n += len(batch["session_index"])
+        if ema is not None:  # validate (and keep) the averaged weights
+            live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(ema)
         val = (
             evaluate_split(model, tokenizer, sessions, val_tr, tcfg.decode_from_s)
             if has_val
@@ -337,6 +352,8 @@ def train(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad += 1
+        if ema is not None:
+            model.load_state_dict(live)
         bar.set_postfix(
             loss=f"{row['train_loss']:.3f}",
             val_dir=f"{row['val_acc'].get('direction', float('nan')):.3f}",

@@ -24,6 +24,11 @@ class DecoderConfig(Config):
     depth: int = Field(2, ge=0, description="self-attention layers in the processor")
     num_latents: int = Field(8, ge=1, description="latent tokens spread along the window")
     ffn_mult: int = Field(2, ge=1)
+    direct_path: bool = Field(
+        False,
+        description="add a linear per-cell path (cell's mean value x a projection of its unit "
+        "embedding, averaged over tokens) to every latent",
+    )
     dropout: float = Field(0.2, ge=0, lt=1)
     emb_init_scale: float = Field(0.02, description="init std of session/task/latent rows")
     unit_init_scale: float = Field(1.0, description="init std of unit embedding rows")
@@ -64,6 +69,9 @@ class TrainConfig(Config):
     unit_dropout: float = Field(0.1, ge=0, lt=1, description="fraction of cells hidden per window")
     noise_std: float = Field(0.1, ge=0, description="gaussian noise on normalised values")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="exponential moving average of the weights (0 = off)"
+    )
     genetic_weight: float = Field(0.2, ge=0, description="loss weight of the genetic task")
     val_fraction: float = 0.1
     test_fraction: float = 0.2

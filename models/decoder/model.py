@@ -70,6 +70,8 @@ class Decoder(nn.Module):
             nn.init.normal_(emb.weight, std=c.emb_init_scale)
         self.init_unit_rows(self.unit_emb.weight)
         self.value_emb = nn.Sequential(nn.Linear(c.value_dim, d), nn.GELU(), nn.Linear(d, d))
+        # optional linear path: mean over cells of w_u * mean(x_u), w_u = P e_u (logistic-like)
+        self.direct_proj = nn.Linear(2 * d, d) if c.direct_path else None
 
         # latents evenly along the window, (k + 1) * window / L: the last sits at the window end
         lat_t = torch.arange(1, c.num_latents + 1, dtype=torch.float32) * (
@@ -121,6 +123,10 @@ class Decoder(nn.Module):
         lat_pos = self.rotary_emb(self.latent_timestamps).unsqueeze(0).expand(b, -1, -1)
 
         latents = latents + self.enc_atn(latents, tokens, lat_pos, tok_pos, mask)
+        if self.direct_proj is not None:
+            m = mask.unsqueeze(-1).to(x.dtype)
+            direct = self.direct_proj(emb) * x.mean(-1, keepdim=True) * m  # [B, N, D]
+            latents = latents + (direct.sum(1) / m.sum(1).clamp_min(1.0)).unsqueeze(1)
         latents = latents + self.enc_ffn(latents)
         for self_attn, ffn in self.proc_layers:
             latents = latents + self.dropout(self_attn(latents, lat_pos))

@@ -38,6 +38,20 @@ def train_cmd(
     latents: Annotated[int | None, typer.Option(help="Latent tokens along the window [8].")] = None,
     window: Annotated[float | None, typer.Option(help="Context window in seconds [1.0].")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads [1].")] = None,
+    direct_path: Annotated[
+        bool | None,
+        typer.Option(
+            "--direct-path/--no-direct-path",
+            help="Add a linear per-cell path into the latents [off].",
+        ),
+    ] = None,
+    unit_init_scale: Annotated[
+        float | None, typer.Option(help="Init std of the unit embedding rows [1.0].")
+    ] = None,
+    ema_decay: Annotated[
+        float | None,
+        typer.Option(help="Moving average of the weights, validated and kept (0 = off) [0]."),
+    ] = None,
     max_minutes: Annotated[
         float | None, typer.Option(help="Stop after this many minutes of training.")
     ] = None,
@@ -68,7 +82,13 @@ def train_cmd(
         {
             **dcfg.to_dict(),
             **given(
-                tokenizer=tokenizer, dim=dim, depth=depth, num_latents=latents, window_s=window
+                tokenizer=tokenizer,
+                dim=dim,
+                depth=depth,
+                num_latents=latents,
+                window_s=window,
+                direct_path=direct_path,
+                unit_init_scale=unit_init_scale,
             ),  # fmt: skip
         }
     )
@@ -83,6 +103,7 @@ def train_cmd(
                 lr=lr,
                 threads=threads,
                 max_minutes=max_minutes,
+                ema_decay=ema_decay,
             ),  # fmt: skip
         }
     )

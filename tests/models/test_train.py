@@ -91,3 +91,16 @@ def test_training_is_reproducible_with_a_seed():
     for k, v in c1.model.state_dict().items():
         torch.testing.assert_close(v, c2.model.state_dict()[k], rtol=0, atol=0)
     assert s1["test_acc"] == s2["test_acc"]
+
+
+def test_weight_averaging_and_direct_path_train():
+    from models.decoder.config import DecoderConfig, TrainConfig
+    from models.train import train
+    from tests.models.decoder.conftest import make_recording
+
+    recs = [make_recording("a", n_trials=24, seed=0), make_recording("b", n_trials=24, seed=1)]
+    cfg = TrainConfig(epochs=2, seed=4, threads=1, batch_size=16, ema_decay=0.9)
+    dcfg = DecoderConfig(dim=16, dim_head=8, depth=1, num_latents=2, direct_path=True)
+    ckpt, summary = train(recs, None, decoder_config=dcfg, train_config=cfg, progress=False)
+    assert ckpt.model.direct_proj is not None
+    assert summary["epochs_run"] == 2 and 0 <= summary["test_acc"]["direction"] <= 1

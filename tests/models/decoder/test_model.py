@@ -32,9 +32,11 @@ def make_model(recs, tokenizer="patch", seed=0, **kw):
     return model, vocab
 
 
-@pytest.mark.parametrize("tokenizer", ["patch", "poyo"])
-def test_shapes_and_padding_invariance(small_recs, tokenizer):
-    model, vocab = make_model(small_recs, tokenizer)
+@pytest.mark.parametrize(
+    ("tokenizer", "direct"), [("patch", False), ("poyo", False), ("patch", True), ("poyo", True)]
+)
+def test_shapes_and_padding_invariance(small_recs, tokenizer, direct):
+    model, vocab = make_model(small_recs, tokenizer, direct_path=direct)
     tok = tokenizer_for(model.config)
     sds = [SessionData.build(r, vocab) for r in small_recs]
     samples, sess = [], []
@@ -162,10 +164,12 @@ def test_unknown_session_is_a_clear_error(small_recs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tokenizer", ["patch", "poyo"])
-def test_onnx_export_dynamo_matches_torch(small_recs, tmp_path, tokenizer):
+@pytest.mark.parametrize(
+    ("tokenizer", "direct"), [("patch", False), ("poyo", False), ("patch", True)]
+)
+def test_onnx_export_dynamo_matches_torch(small_recs, tmp_path, tokenizer, direct):
     ort = pytest.importorskip("onnxruntime")
-    model, vocab = make_model(small_recs, tokenizer)
+    model, vocab = make_model(small_recs, tokenizer, direct_path=direct)
     tok = tokenizer_for(model.config)
     b = build_batch(small_recs[0], [5.0, 9.0], tok, vocab)
     names = ("values", "unit_index", "timestamps", "mask", "session_index")
