@@ -53,14 +53,3 @@ def small_recs():
         make_recording("s0", n_cells=10, genetic="A", seed=0),
         make_recording("s1", n_cells=7, genetic="B", fs=30.0, tf=True, seed=1),
     ]
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small models: one thread is fastest, and avoids spin-waiting on a shared CPU."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
