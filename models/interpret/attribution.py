@@ -92,15 +92,33 @@ def unit_contributions(sae: SparseAutoencoder, acts: Tensor, idx: Tensor) -> Ten
     return torch.einsum("blm,bmd->bmld", a, dirs)
 
 
+class _Decomposition(NamedTuple):
+    """x = bias + sum over all units + error; the top-M units' part of it."""
+
+    idx: Tensor  # [B, M] unit ids of the M most active units
+    vals: Tensor  # [B, M] their activations summed over latent tokens
+    x_hat: Tensor  # [B, L, D] SAE reconstruction (bias + all units)
+    contrib: Tensor  # [B, M, L, D] each top unit's contribution
+    bias: Tensor  # [B, L, D] SAE bias vector, broadcast
+
+
+def _decompose(sae: SparseAutoencoder, x: Tensor, m: int) -> _Decomposition:
+    acts, idx, vals = top_units(sae, x, m)
+    return _Decomposition(
+        idx,
+        vals,
+        sae.decode(acts),
+        unit_contributions(sae, acts, idx),
+        sae.bias_vector().expand_as(x),
+    )
+
+
 def ablation_attribution(
     sae: SparseAutoencoder, x: Tensor, readout: Readout, m: int
 ) -> Attribution:
     """Exact ablation attribution for the M most active units, one batched readout call."""
     b, n_tok, d = x.shape
-    acts, idx, vals = top_units(sae, x, m)
-    x_hat = sae.decode(acts)
-    contrib = unit_contributions(sae, acts, idx)  # [B, M, L, D]
-    bias = sae.bias_vector().expand(b, n_tok, d)
+    idx, vals, x_hat, contrib, bias = _decompose(sae, x, m)
     ablated = (x[:, None] - contrib).transpose(0, 1).reshape(m * b, n_tok, d)  # variant-major
     z = torch.cat([x, x_hat, bias, ablated], dim=0)  # [(M + 3) B, L, D]
     out = _as_dict(readout(z))
@@ -136,10 +154,7 @@ def gradient_attribution(
 ) -> Attribution:
     """Activation x gradient (first-order estimate of the ablation effect) for all classes."""
     with torch.no_grad():
-        acts, idx, vals = top_units(sae, x, m)
-        x_hat = sae.decode(acts)
-        contrib = unit_contributions(sae, acts, idx)
-        bias = sae.bias_vector().expand_as(x)
+        idx, vals, x_hat, contrib, bias = _decompose(sae, x, m)
         all_units = x_hat - bias
     z = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
@@ -168,10 +183,7 @@ def integrated_gradients(
     bias and error kept); the n_steps path points go through the readout in one call."""
     b, n_tok, d = x.shape
     with torch.no_grad():
-        acts, idx, vals = top_units(sae, x, m)
-        x_hat = sae.decode(acts)
-        contrib = unit_contributions(sae, acts, idx)
-        bias = sae.bias_vector().expand_as(x)
+        idx, vals, x_hat, contrib, bias = _decompose(sae, x, m)
         all_units = x_hat - bias
         base = x - all_units  # bias + error
         alphas = (torch.arange(n_steps, dtype=x.dtype, device=x.device) + 0.5) / n_steps

@@ -96,7 +96,6 @@ def simulate(
     """Simulate Allen Brain Observatory-like sessions (~30 Hz) with ground truth beside them."""
     from models.data.simulate import SimConfig, simulate_corpus
 
-    config = SimConfig(n_cells=cells, minutes=minutes, cre_line=cre_line)
     paths = simulate_corpus(
         n_sessions=sessions,
         n_cells=cells,
@@ -104,6 +103,6 @@ def simulate(
         seed=seed,
         out_dir=out,
         fmt=fmt.value,
-        config=config,
+        config=SimConfig(cre_line=cre_line),  # n_cells and minutes are set by simulate_corpus
     )
     typer.echo(f"wrote {len(paths)} session(s) with ground truth to {out}")
