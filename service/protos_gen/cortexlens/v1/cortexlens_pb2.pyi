@@ -102,18 +102,26 @@ class StreamResponse(_message.Message):
     def __init__(self, accepted: _Optional[_Union[SessionAccepted, _Mapping]] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., event: _Optional[_Union[StreamEvent, _Mapping]] = ..., closed: _Optional[_Union[SessionStatus, _Mapping]] = ...) -> None: ...
 
 class SessionAccepted(_message.Message):
-    __slots__ = ("session_id", "model", "next_frame_index", "decode_stride", "window_frames")
+    __slots__ = ("session_id", "model", "next_frame_index", "decode_stride", "window_frames", "decoding", "n_cells_known", "session_known", "session_embedding_from")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NEXT_FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
     DECODE_STRIDE_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    DECODING_FIELD_NUMBER: _ClassVar[int]
+    N_CELLS_KNOWN_FIELD_NUMBER: _ClassVar[int]
+    SESSION_KNOWN_FIELD_NUMBER: _ClassVar[int]
+    SESSION_EMBEDDING_FROM_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: ModelRef
     next_frame_index: int
     decode_stride: int
     window_frames: int
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., next_frame_index: _Optional[int] = ..., decode_stride: _Optional[int] = ..., window_frames: _Optional[int] = ...) -> None: ...
+    decoding: bool
+    n_cells_known: int
+    session_known: bool
+    session_embedding_from: str
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., next_frame_index: _Optional[int] = ..., decode_stride: _Optional[int] = ..., window_frames: _Optional[int] = ..., decoding: _Optional[bool] = ..., n_cells_known: _Optional[int] = ..., session_known: _Optional[bool] = ..., session_embedding_from: _Optional[str] = ...) -> None: ...
 
 class StreamEvent(_message.Message):
     __slots__ = ("kind", "first_frame_index", "last_frame_index", "message")
@@ -124,11 +132,13 @@ class StreamEvent(_message.Message):
         DUPLICATE: _ClassVar[StreamEvent.Kind]
         LATE: _ClassVar[StreamEvent.Kind]
         MODEL_CHANGED: _ClassVar[StreamEvent.Kind]
+        NOT_DECODED: _ClassVar[StreamEvent.Kind]
     KIND_UNSPECIFIED: StreamEvent.Kind
     GAP: StreamEvent.Kind
     DUPLICATE: StreamEvent.Kind
     LATE: StreamEvent.Kind
     MODEL_CHANGED: StreamEvent.Kind
+    NOT_DECODED: StreamEvent.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     FIRST_FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
     LAST_FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -150,7 +160,7 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., label_set: _Optional[str] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("session_id", "frame_index", "timestamp", "model", "attribution_method", "tasks", "timings", "masked_fraction")
+    __slots__ = ("session_id", "frame_index", "timestamp", "model", "attribution_method", "tasks", "timings", "masked_fraction", "n_cells_used")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +169,7 @@ class Prediction(_message.Message):
     TASKS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     MASKED_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    N_CELLS_USED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     frame_index: int
     timestamp: float
@@ -167,7 +178,8 @@ class Prediction(_message.Message):
     tasks: _containers.RepeatedCompositeFieldContainer[TaskPrediction]
     timings: Timings
     masked_fraction: float
-    def __init__(self, session_id: _Optional[str] = ..., frame_index: _Optional[int] = ..., timestamp: _Optional[float] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., attribution_method: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskPrediction, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., masked_fraction: _Optional[float] = ...) -> None: ...
+    n_cells_used: int
+    def __init__(self, session_id: _Optional[str] = ..., frame_index: _Optional[int] = ..., timestamp: _Optional[float] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., attribution_method: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskPrediction, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., masked_fraction: _Optional[float] = ..., n_cells_used: _Optional[int] = ...) -> None: ...
 
 class TaskPrediction(_message.Message):
     __slots__ = ("task", "predicted_class", "predicted_label", "class_names", "probabilities", "logits", "units", "unexplained")
