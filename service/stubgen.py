@@ -3,7 +3,9 @@
 Run with ``./dev protos`` (or ``python -m service.stubgen``). A test regenerates into a temporary
 directory and fails if the committed stubs differ, so the contract and the code never drift.
 protoc writes absolute imports rooted at the proto package (``from cortexlens.v1 import ...``);
-they are rewritten to ``service.protos_gen.cortexlens.v1`` so the stubs import as a package.
+they are rewritten to ``service.protos_gen.cortexlens.v1`` so the stubs import as a package, and
+the module name the message classes carry is rewritten too, so messages pickle (Ray sends them
+between processes).
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ def generate(out_dir: Path = OUT_DIR) -> list[Path]:
                     f"from {OUT_PACKAGE}.{pkg} import",
                     text,
                     flags=re.M,
+                )
+                # message classes name their module: make it the importable one (pickling)
+                text = text.replace(
+                    f"BuildTopDescriptorsAndMessages(DESCRIPTOR, '{pkg}.",
+                    f"BuildTopDescriptorsAndMessages(DESCRIPTOR, '{OUT_PACKAGE}.{pkg}.",
                 )
             dst.write_text(HEADER + text)
             written.append(dst)

@@ -25,6 +25,9 @@ class Vocab:
     session_genetic: dict[str, str] = field(default_factory=dict)
     # facts per session (sampling rate, number of units, source, how its embedding was fitted)
     session_info: dict[str, dict] = field(default_factory=dict)
+    # unit ids of each session (which session a unit was recorded in; the service uses it to
+    # pick the session embedding that stands in for a session the model has not seen)
+    session_units: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._unit = {u: i for i, u in enumerate(self.unit_ids)}
@@ -67,6 +70,7 @@ class Vocab:
             self._session[rec.session_id] = len(self.session_ids)
             self.session_ids.append(rec.session_id)
         self.session_genetic[rec.session_id] = genetic if genetic is not None else ""
+        self.session_units[rec.session_id] = [str(u) for u in rec.unit_ids]
         self.session_info[rec.session_id] = {
             "n_units": rec.n_units,
             "sampling_rate": rec.sampling_rate,
@@ -86,6 +90,7 @@ class Vocab:
             "genetic_classes": self.genetic_classes,
             "session_genetic": self.session_genetic,
             "session_info": self.session_info,
+            "session_units": self.session_units,
         }
 
     @classmethod
@@ -96,6 +101,7 @@ class Vocab:
             genetic_classes=list(d.get("genetic_classes", [])),
             session_genetic=dict(d.get("session_genetic", {})),
             session_info=dict(d.get("session_info", {})),
+            session_units={k: list(v) for k, v in d.get("session_units", {}).items()},
         )
 
     def save(self, path: str | Path) -> None:

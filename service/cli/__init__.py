@@ -55,6 +55,7 @@ def _register_optional() -> None:
         "service.cli.interpret",
         "service.cli.export",
         "service.cli.bundle",
+        "service.cli.stream",
     ):
         try:
             m = importlib.import_module(mod)

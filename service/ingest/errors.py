@@ -15,6 +15,9 @@ CODES = frozenset(
         "NOT_FOUND",  # no record for a session
         "ALREADY_EXISTS",  # a record already exists where a new one is created
         "DATA_LOSS",  # a durable record is corrupt (not a torn tail) and cannot be repaired
+        "UNAVAILABLE",  # draining, or a dependency (model replica, session actor) is down
+        "UNAUTHENTICATED",  # missing or wrong bearer token
+        "INTERNAL",  # a bug: never a user's fault
     }
 )
 
@@ -28,3 +31,6 @@ class IngestError(Exception):
         self.code = code
         self.message = message
         super().__init__(f"{code}: {message}")
+
+    def __reduce__(self):  # pickles across processes (Ray actors) with its code and message
+        return (type(self), (self.code, self.message))

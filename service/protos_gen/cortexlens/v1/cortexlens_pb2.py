@@ -29,7 +29,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63ortexlens/
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cortexlens.v1.cortexlens_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'service.protos_gen.cortexlens.v1.cortexlens_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\021org.cortexlens.v1P\001ZBgithub.com/cortexlens/cortexlens/gen/go/cortexlens/v1;cortexlensv1'

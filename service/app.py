@@ -1,0 +1,912 @@
+"""The Ray Serve application: gRPC ingress, decoder deployment, one ingestion actor per session.
+
+::
+
+    client ──gRPC──> Serve gRPC proxy ──> Ingress (servicer methods of cortexlens.v1.Decoder and
+                                          │          grpc.health.v1.Health)
+                                          ├──> SessionActor "session:<id>" (Ray actor per live
+                                          │     session: SessionBuffer + durable FrameRecord)
+                                          └──> DecoderModel (ONNX Runtime `Engine`, @serve.batch
+                                                across sessions, reconfigured in place)
+
+The classes here are thin shells over plain objects (`service.engine.Engine`,
+`service.ingest.SessionBuffer`, `service.wire`); `build_app(args)` is the Serve config file's
+``import_path`` (``service.app:build_app``) and ``args`` are `ServiceSettings`.
+
+Errors reach clients as gRPC status codes with a message a person can act on (`IngestError`
+carries the code); a bad request ends only its own call or stream, never a replica or another
+session. A stream that ends with an error (or a vanished client) leaves its session INTERRUPTED:
+its record is kept and the client can reconnect with ``resume=true``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import ray
+from grpc_health.v1 import health_pb2
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from service import wire
+from service.engine import Decoded, Engine, ModelRef, WindowItem
+from service.ingest import IngestConfig, IngestError, SessionBuffer, record_status, session_dir
+from service.metrics import Metrics
+from service.protos_gen.cortexlens.v1 import cortexlens_pb2 as pb
+from service.settings import NAMESPACE, ServiceSettings
+
+log = logging.getLogger("cortexlens.app")
+
+SERVICE_NAME = "cortexlens.v1.Decoder"
+ACTOR_PREFIX = "session:"
+PUSH_RETRIES = 20  # tries of one block while a session actor restarts (~0.1 s apart, growing)
+
+
+# -- messages between the ingress and the decoder deployment ---------------------------------------
+@dataclass(frozen=True)
+class DecodeJob:
+    session_id: str
+    units_key: str  # wire.units_key(unit_ids)
+    values: np.ndarray  # [F, N] float32, NaN rows = missing frames
+    frame_times: np.ndarray  # [F]
+    end_time: float
+    top_m: int
+    model: str = ""  # the model name the client asked for ("" = whatever is served)
+
+
+@dataclass(frozen=True)
+class DecodeOut:
+    decoded: Decoded
+    ref: ModelRef
+    method: str
+    queue_ms: float
+
+
+@dataclass(frozen=True)
+class PlanInfo:
+    decodable: bool
+    n_known: int
+    session_known: bool
+    embedding_from: str
+    window_s: float
+    top_m: int
+    ref: ModelRef
+
+
+def resolve_model(
+    s: ServiceSettings, model: str = "", version: str = "", bundle: str = ""
+) -> tuple[Path, str]:
+    """The bundle directory to serve and its model name (explicit bundle, else the registry)."""
+    bundle = bundle or s.bundle
+    if bundle:
+        p = Path(bundle)
+        return p, model or p.name
+    from models.registry import Registry
+
+    name = model or s.model
+    reg = Registry(s.registry_dir(), create=False)
+    b = reg.open(name, version or s.version or None)
+    return b.path, name
+
+
+# -- decoder deployment ----------------------------------------------------------------------------
+@serve.deployment(
+    name="DecoderModel",
+    max_ongoing_requests=256,
+    ray_actor_options={"num_cpus": 0.5},
+    health_check_period_s=5,
+)
+class DecoderModel:
+    """A bundle's ONNX graph behind `@serve.batch`; ``user_config`` swaps the model in place:
+    ``{"model": NAME, "version": VERSION, "bundle": PATH}`` (any subset; empty = settings)."""
+
+    def __init__(self, settings: dict):
+        self.settings = ServiceSettings.model_validate(settings)
+        self.engine: Engine | None = None
+        self._plans: dict[tuple[str, str, str], object] = {}
+        self._load({})
+        self._batch.set_max_batch_size(self.settings.max_batch_size)
+        self._batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    def _load(self, cfg: dict) -> None:
+        path, name = resolve_model(
+            self.settings, cfg.get("model", ""), cfg.get("version", ""), cfg.get("bundle", "")
+        )
+        if self.engine is not None and Path(self.engine.bundle.path) == Path(path):
+            return
+        eng = Engine(
+            path, name=name, threads=self.settings.threads, providers=self.settings.providers
+        )
+        self.engine, self._plans = eng, {}  # one assignment: a running batch keeps its engine
+        log.info("serving %s %s from %s", eng.ref.name, eng.ref.version, path)
+
+    def reconfigure(self, user_config: dict) -> None:
+        self._load(dict(user_config or {}))
+
+    def check_health(self) -> None:
+        if self.engine is None:
+            raise RuntimeError("no model loaded")
+
+    def _plan(self, eng: Engine, session_id: str, key: str):
+        k = (eng.ref.version, session_id, key)
+        p = self._plans.get(k)
+        if p is None:
+            if len(self._plans) > 4096:
+                self._plans.clear()
+            p = self._plans[k] = eng.plan(session_id, wire.split_units_key(key))
+        return p
+
+    async def plan_info(self, session_id: str, key: str) -> PlanInfo:
+        eng = self.engine
+        p = self._plan(eng, session_id, key)
+        return PlanInfo(
+            p.decodable, p.n_known, p.session_known, p.embedding_from, eng.window_s, eng.top_m,
+            eng.ref,
+        )  # fmt: skip
+
+    async def model_info(self) -> dict:
+        return self.engine.model_info()
+
+    async def units(self, variable: str = "") -> tuple[ModelRef, list[dict]]:
+        eng = self.engine
+        return eng.ref, eng.units(variable)
+
+    async def decode(self, job: DecodeJob) -> DecodeOut:
+        out = await self._batch((job, time.perf_counter()))
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _batch(self, reqs: list[tuple[DecodeJob, float]]) -> list:
+        eng = self.engine
+        t0 = time.perf_counter()
+        outs: list = [None] * len(reqs)
+        items, where = [], []
+        for i, (job, _) in enumerate(reqs):
+            try:
+                if job.model and job.model != eng.ref.name:
+                    raise IngestError(
+                        "NOT_FOUND",
+                        f"model {job.model!r} is not served here (this server serves "
+                        f"{eng.ref.name!r}); leave model empty for the default",
+                    )
+                plan = self._plan(eng, job.session_id, job.units_key)
+                if not plan.decodable:
+                    raise IngestError(
+                        "FAILED_PRECONDITION",
+                        f"model {eng.ref.name} {eng.ref.version} knows none of the "
+                        f"{len(plan.unit_ids)} cells of session {job.session_id!r}; adapt the "
+                        "model to this session first",
+                    )
+                items.append(WindowItem(plan, job.values, job.frame_times, job.end_time, job.top_m))
+                where.append(i)
+            except IngestError as e:
+                outs[i] = e
+        if items:
+            try:
+                res = await asyncio.to_thread(eng.run, items)
+            except IngestError as e:
+                res = [e] * len(items)
+            for i, r in zip(where, res, strict=True):
+                if isinstance(r, Exception):
+                    outs[i] = r
+                else:
+                    queue_ms = (t0 - reqs[i][1]) * 1e3
+                    outs[i] = DecodeOut(r, eng.ref, eng.method, queue_ms)
+        return outs
+
+
+# -- ingestion actor -------------------------------------------------------------------------------
+class SessionActor:
+    """One live session: `SessionBuffer` with its durable `FrameRecord`. Restarted by Ray when
+    its process dies; a restarted actor reopens the record (every acknowledged frame is on disk)
+    and continues after the last recorded frame."""
+
+    def __init__(self, directory: str, open_kwargs: dict, ingest: dict, resume: bool, sync: bool):
+        self._args = (directory, open_kwargs, ingest, sync)
+        self.buf: SessionBuffer | None = None
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self.epoch = 0
+        if self.restarted:  # the process died: reopen the record and continue after it
+            self.start(True)
+
+    def start(self, resume: bool) -> None:
+        """Open (or resume) the session and its record; raises `IngestError` on refusal."""
+        if self.buf is not None:
+            return
+        directory, open_kwargs, ingest, sync = self._args
+        self.buf = SessionBuffer.open(
+            directory, config=IngestConfig(**ingest), resume=resume, sync=sync, **open_kwargs
+        )
+
+    def hello(self) -> dict:
+        return {
+            "next_frame_index": self.buf.next_frame_index,
+            "status": self.buf.status(),
+            "restarted": self.restarted,
+            "pid": os.getpid(),
+            "state": self.buf.state,
+        }
+
+    def attach(self) -> int:
+        """A stream takes the session over (a resumed stream supersedes an older one)."""
+        self.epoch += 1
+        return self.epoch
+
+    def _check(self, epoch: int) -> None:
+        if self.epoch == 0:  # restarted: the first stream that comes back owns it again
+            self.epoch = epoch
+        if epoch != self.epoch:
+            raise IngestError(
+                "FAILED_PRECONDITION",
+                f"session {self.buf.session_id!r} was taken over by a newer stream (resume)",
+            )
+
+    def _pop(self, max_pop: int) -> list[tuple]:
+        out = []
+        while len(out) < max_pop:
+            t = self.buf.pop_decode()
+            if t is None:
+                break
+            w = t.window
+            out.append((t.frame_index, t.timestamp, w.values, w.timestamps, t.enqueued_at))
+        return out
+
+    def push(
+        self,
+        epoch: int,
+        first: int,
+        data: bytes,
+        n_frames: int,
+        n_cells: int,
+        timestamps: list[float],
+        max_pop: int,
+    ) -> dict:
+        self._check(epoch)
+        r = self.buf.push_bytes(first, data, n_frames, n_cells, timestamps)
+        return {
+            "events": r.events,
+            "accepted": r.frames_accepted,
+            "duplicates": r.duplicates,
+            "late": r.late,
+            "coalesced": r.decodes_coalesced,
+            "next": r.next_frame_index,
+            "decodes": self._pop(max_pop),
+        }
+
+    def pop(self, epoch: int, max_pop: int) -> list[tuple]:
+        self._check(epoch)
+        return self._pop(max_pop)
+
+    def finish(self, epoch: int) -> dict:
+        """Client half-closed: commit frames held behind holes, return the last decodes."""
+        self._check(epoch)
+        r = self.buf.flush()
+        return {"events": r.events, "decodes": self._pop(1 << 30)}
+
+    def mark_decoded(self, n: int) -> None:
+        self.buf.mark_decoded(n)
+
+    def status(self) -> dict:
+        return self.buf.status()
+
+    def close(self, epoch: int) -> dict:
+        self._check(epoch)
+        return self.buf.close()
+
+    def interrupt(self, epoch: int) -> dict:
+        """The stream ended without a clean close: sync and release the record (resumable)."""
+        if epoch != self.epoch or self.buf is None:
+            return {"released": False}
+        st = self.buf.status()
+        if self.buf.record is not None:
+            self.buf.record.close()
+        self.buf.state = "INTERRUPTED"
+        st["state"] = "INTERRUPTED"
+        st["released"] = True
+        return st
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+SessionActorRemote = ray.remote(SessionActor)
+
+
+def _actor_name(session_id: str) -> str:
+    return ACTOR_PREFIX + session_id
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The user-level exception inside a RayTaskError (an IngestError raised in an actor)."""
+    if isinstance(e, ray.exceptions.RayTaskError):
+        c = e.cause if getattr(e, "cause", None) is not None else e.as_instanceof_cause()
+        return c
+    return e
+
+
+# -- ingress ---------------------------------------------------------------------------------------
+class _Abort(Exception):
+    def __init__(self, code: str, message: str):
+        self.code, self.message = code, message
+
+
+def _fail(ctx, code: str, message: str) -> None:
+    if ctx is not None:
+        ctx.set_code(getattr(grpc.StatusCode, code))
+        ctx.set_details(message)
+
+
+class StreamError(Exception):
+    """Ends a streaming call; Serve sends the status code set on the context with it."""
+
+
+def _abort(ctx, code: str, message: str):
+    """End a streaming method with a status: on Serve's proxy a streaming method reports its
+    status by raising after setting it on the context (a plain return would end with OK)."""
+    _fail(ctx, code, message)
+    raise StreamError(f"{code}: {message}")
+
+
+@serve.deployment(
+    name="Ingress",
+    max_ongoing_requests=2048,
+    ray_actor_options={"num_cpus": 0.5},
+)
+class Ingress:
+    """The servicer methods of ``cortexlens.v1.Decoder`` and ``grpc.health.v1.Health``."""
+
+    def __init__(self, decoder: DeploymentHandle, settings: dict):
+        self.s = ServiceSettings.model_validate(settings)
+        self.decoder = decoder
+        self.metrics = Metrics()
+        self.metrics_port = self.metrics.serve(self.s.metrics_port, self.s.metrics_host)
+        self.token = self.s.bearer_token()
+        self.live: dict[str, int] = {}  # session id -> epoch, streams of this replica
+        self.records = self.s.records_dir()
+        self.records.mkdir(parents=True, exist_ok=True)
+        self.draining = False
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _auth(self, ctx) -> None:
+        if not self.token:
+            return
+        md = dict(ctx.invocation_metadata()) if ctx is not None else {}
+        got = md.get("authorization", "")
+        if got != f"Bearer {self.token}":
+            raise _Abort(
+                "UNAUTHENTICATED",
+                "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'",
+            )
+
+    def _check_model(self, name: str, ref: ModelRef) -> None:
+        if name and name != ref.name:
+            raise _Abort(
+                "NOT_FOUND",
+                f"model {name!r} is not served here (this server serves {ref.name!r}); leave "
+                "model empty for the default",
+            )
+
+    async def _plan_info(self, session_id: str, key: str) -> PlanInfo:
+        return await self.decoder.plan_info.remote(session_id, key)
+
+    def _count(self, method: str, code: str) -> None:
+        self.metrics.requests.labels(method, code).inc()
+
+    def _decoded_metrics(self, out: DecodeOut) -> None:
+        m = self.metrics
+        m.queue_wait.observe(out.queue_ms / 1e3)
+        m.model_time.observe(out.decoded.model_ms / 1e3)
+        m.batch_size.observe(out.decoded.batch_size)
+        m.set_model(out.ref.name, out.ref.version, out.ref.label_set)
+        seen = set()
+        for t in out.decoded.tasks:
+            for u in t.units:
+                if u.unit not in seen:
+                    seen.add(u.unit)
+                    m.unit_active.labels(str(u.unit)).inc()
+
+    # -- unary ------------------------------------------------------------------------------------
+    async def Decode(self, request: pb.DecodeRequest, grpc_context=None) -> pb.DecodeResponse:
+        t0 = time.perf_counter()
+        try:
+            self._auth(grpc_context)
+            ids = wire.check_unit_ids(request.unit_ids, self.s.max_cells)
+            values, ts = wire.window_from_block(request.window, len(ids), self.s.max_window_frames)
+            sid = request.session_id or "unary"
+            key = wire.units_key(ids)
+            job = DecodeJob(sid, key, values, ts, float(ts[-1]), int(request.top_m), request.model)
+            out: DecodeOut = await self.decoder.decode.remote(job)
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status
+            code, msg = self._status_of(e)
+            self._count("Decode", code)
+            _fail(grpc_context, code, msg)
+            return pb.DecodeResponse()
+        self._decoded_metrics(out)
+        self._count("Decode", "OK")
+        self.metrics.predictions.labels("Decode").inc()
+        return pb.DecodeResponse(
+            prediction=wire.prediction_pb(
+                out.decoded,
+                session_id=sid,
+                frame_index=0,
+                timestamp=float(ts[-1]),
+                ref=out.ref,
+                method=out.method,
+                queue_ms=out.queue_ms,
+                server_total_ms=(time.perf_counter() - t0) * 1e3,
+            )
+        )
+
+    def _status_of(self, e: BaseException) -> tuple[str, str]:
+        e = _cause(e)
+        if isinstance(e, _Abort | IngestError):
+            return e.code, e.message
+        if isinstance(e, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
+            return "UNAVAILABLE", f"a server component is restarting; retry ({type(e).__name__})"
+        from models.bundle import BundleError
+
+        if isinstance(e, BundleError):
+            return "NOT_FOUND", str(e)
+        log.exception("internal error")
+        return "INTERNAL", f"internal error ({type(e).__name__}: {e}); please report it"
+
+    async def GetModel(self, request: pb.GetModelRequest, grpc_context=None) -> pb.ModelInfo:
+        try:
+            self._auth(grpc_context)
+            info = await self.decoder.model_info.remote()
+            self._check_model(request.model, info["ref"])
+        except Exception as e:  # noqa: BLE001
+            code, msg = self._status_of(e)
+            _fail(grpc_context, code, msg)
+            return pb.ModelInfo()
+        return wire.model_info_pb(info)
+
+    async def ListUnits(
+        self, request: pb.ListUnitsRequest, grpc_context=None
+    ) -> pb.ListUnitsResponse:
+        try:
+            self._auth(grpc_context)
+            ref, units = await self.decoder.units.remote(request.variable)
+            self._check_model(request.model, ref)
+        except Exception as e:  # noqa: BLE001
+            code, msg = self._status_of(e)
+            _fail(grpc_context, code, msg)
+            return pb.ListUnitsResponse()
+        return wire.units_pb(ref, units)
+
+    async def GetSession(
+        self, request: pb.GetSessionRequest, grpc_context=None
+    ) -> pb.SessionStatus:
+        try:
+            self._auth(grpc_context)
+            sid = request.session_id
+            d = session_dir(self.records, sid)
+            try:
+                actor = ray.get_actor(_actor_name(sid), namespace=NAMESPACE)
+            except ValueError:
+                actor = None
+            if actor is not None:
+                st = await actor.status.remote()
+            elif (d / "meta.json").exists():
+                st = await asyncio.to_thread(record_status, d)
+            else:
+                raise IngestError(
+                    "NOT_FOUND", f"no live or recorded session {sid!r} on this server"
+                )
+        except Exception as e:  # noqa: BLE001
+            code, msg = self._status_of(e)
+            _fail(grpc_context, code, msg)
+            return pb.SessionStatus()
+        return wire.status_pb(st)
+
+    # -- health -----------------------------------------------------------------------------------
+    async def _health(self, service: str) -> int:
+        if service not in ("", SERVICE_NAME):
+            raise _Abort("NOT_FOUND", f"unknown service {service!r}")
+        if self.draining:
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+        try:
+            await asyncio.wait_for(self.decoder.model_info.remote(), timeout=5.0)
+        except Exception:  # noqa: BLE001
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse.SERVING
+
+    async def Check(self, request, grpc_context=None):
+        try:
+            st = await self._health(request.service)
+        except _Abort as e:
+            _fail(grpc_context, e.code, e.message)
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(status=st)
+
+    async def Watch(self, request, grpc_context=None):
+        last = None
+        try:
+            while True:
+                st = await self._health(request.service)
+                if st != last:
+                    yield health_pb2.HealthCheckResponse(status=st)
+                    last = st
+                await asyncio.sleep(1.0)
+        except _Abort as e:
+            _abort(grpc_context, e.code, e.message)
+
+    # -- streaming --------------------------------------------------------------------------------
+    async def StreamSession(self, request_stream, grpc_context=None) -> AsyncIterator:
+        try:
+            self._auth(grpc_context)
+        except _Abort as e:
+            self._count("StreamSession", e.code)
+            _abort(grpc_context, e.code, e.message)
+        out: asyncio.Queue = asyncio.Queue()
+        state = _StreamState()
+        reader = asyncio.create_task(self._read_stream(request_stream, out, state))
+        try:
+            while True:
+                item = await out.get()
+                if item is None:
+                    break
+                if isinstance(item, asyncio.Future):
+                    try:
+                        msgs = await item
+                    except Exception as e:  # noqa: BLE001 - a failed decode ends the stream
+                        state.error = self._status_of(e)
+                        break
+                    for m in msgs:
+                        yield m
+                else:
+                    yield item
+            if not reader.done():
+                await reader
+        except asyncio.CancelledError:
+            state.cancelled = True
+            raise
+        finally:
+            if not reader.done():
+                reader.cancel()
+            await self._end_stream(state)
+        if state.error is not None:
+            code, msg = state.error
+            self._count("StreamSession", code)
+            _abort(grpc_context, code, msg)
+        self._count("StreamSession", "OK")
+
+    async def _end_stream(self, st: _StreamState) -> None:
+        if st.actor is None:
+            return
+        if st.session_id in self.live and self.live[st.session_id] == st.epoch:
+            del self.live[st.session_id]
+            self.metrics.active_sessions.set(len(self.live))
+        if not st.closed:
+            try:
+                r = await asyncio.shield(st.actor.interrupt.remote(st.epoch))
+            except Exception:  # noqa: BLE001 - the actor may be gone already
+                r = {"released": True}
+            if r.get("released"):  # not taken over by a newer stream: end the actor
+                try:
+                    ray.kill(st.actor, no_restart=True)
+                except Exception:  # noqa: BLE001
+                    pass
+
+    async def _open(self, op: pb.SessionOpen, st: _StreamState, out: asyncio.Queue) -> None:
+        ids = wire.check_unit_ids(op.unit_ids, self.s.max_cells)
+        d = session_dir(self.records, op.session_id)
+        rate = float(op.frame_rate_hz)
+        if not (np.isfinite(rate) and 0 < rate <= 10_000):
+            raise IngestError(
+                "INVALID_ARGUMENT",
+                f"frame_rate_hz must be a positive number (frames per second), got {rate}",
+            )
+        key = wire.units_key(ids)
+        info = await self._plan_info(op.session_id, key)
+        self._check_model(op.model, info.ref)
+        if op.session_id not in self.live and len(self.live) >= self.s.max_sessions:
+            raise IngestError(
+                "RESOURCE_EXHAUSTED",
+                f"this server already has {len(self.live)} live sessions (limit "
+                f"{self.s.max_sessions}); close one or try another replica",
+            )
+        ing = self.s.ingest
+        stride = int(op.decode_stride) or ing.decode_stride
+        wf = int(np.ceil(info.window_s * rate - 1e-6)) + 1
+        if wf > self.s.max_window_frames:
+            raise IngestError(
+                "RESOURCE_EXHAUSTED",
+                f"a {info.window_s:g} s window at {rate:g} Hz is {wf} frames, above the limit "
+                f"of {self.s.max_window_frames}",
+            )
+        cfg = {
+            "window_frames": wf,
+            "decode_stride": stride,
+            "reorder_frames": ing.reorder_frames,
+            "max_gap_frames": ing.max_gap_frames,
+            "max_pending_decodes": ing.max_pending_decodes,
+            "backpressure": ing.backpressure,
+            "max_block_frames": ing.max_block_frames,
+        }
+        open_kwargs = {
+            "session_id": op.session_id,
+            "unit_ids": list(ids),
+            "frame_rate_hz": rate,
+            "subject_id": op.subject_id,
+            "genetic_background": op.genetic_background,
+            "metadata": dict(op.metadata),
+        }
+        name = _actor_name(op.session_id)
+        try:
+            existing = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            existing = None
+        if existing is not None and not op.resume:
+            raise IngestError(
+                "ALREADY_EXISTS",
+                f"session {op.session_id!r} is live on another stream; reconnect with "
+                "resume=true to take it over, or use a new session id",
+            )
+        if existing is not None:
+            actor = existing
+        else:
+            try:
+                actor = SessionActorRemote.options(
+                    name=name,
+                    namespace=NAMESPACE,
+                    lifetime="detached",
+                    max_restarts=-1,
+                    max_task_retries=0,
+                    num_cpus=0,
+                ).remote(str(d), open_kwargs, cfg, bool(op.resume), ing.record_sync)
+            except ValueError:  # created by a concurrent stream a moment ago
+                raise IngestError(
+                    "ALREADY_EXISTS",
+                    f"session {op.session_id!r} is live on another stream; reconnect with "
+                    "resume=true to take it over, or use a new session id",
+                ) from None
+            try:
+                await actor.start.remote(bool(op.resume))
+            except BaseException:
+                ray.kill(actor, no_restart=True)
+                raise
+        hello = await actor.hello.remote()
+        st.actor = actor
+        st.epoch = await actor.attach.remote()
+        st.session_id = op.session_id
+        st.units_key = key
+        st.top_m = int(op.top_m) or self.s.top_m
+        st.ref = info.ref
+        st.decodable = info.decodable
+        st.max_inflight = ing.max_pending_decodes
+        st.frame_rate_hz = rate
+        self.live[op.session_id] = st.epoch
+        self.metrics.active_sessions.set(len(self.live))
+        await out.put(
+            pb.StreamResponse(
+                accepted=pb.SessionAccepted(
+                    session_id=op.session_id,
+                    model=wire.model_ref_pb(info.ref),
+                    next_frame_index=int(hello["next_frame_index"]),
+                    decode_stride=stride,
+                    window_frames=wf,
+                    decoding=info.decodable,
+                    n_cells_known=info.n_known,
+                    session_known=info.session_known,
+                    session_embedding_from=info.embedding_from,
+                )
+            )
+        )
+        if not info.decodable:
+            await out.put(
+                pb.StreamResponse(
+                    event=pb.StreamEvent(
+                        kind=pb.StreamEvent.NOT_DECODED,
+                        message=(
+                            f"model {info.ref.name} {info.ref.version} knows none of the "
+                            f"{len(ids)} cells of this session: frames are recorded but not "
+                            "decoded; adapt the model to the session (retraining) to decode it"
+                        ),
+                    )
+                )
+            )
+
+    async def _read_stream(self, request_stream, out: asyncio.Queue, st: _StreamState) -> None:
+        try:
+            first = True
+            async for req in request_stream:
+                if first:
+                    first = False
+                    if req.WhichOneof("kind") != "open":
+                        raise IngestError(
+                            "FAILED_PRECONDITION",
+                            "the first message of a stream must be `open` (SessionOpen)",
+                        )
+                    await self._open(req.open, st, out)
+                    continue
+                kind = req.WhichOneof("kind")
+                if kind == "open":
+                    raise IngestError(
+                        "FAILED_PRECONDITION", "the session is already open; send frames"
+                    )
+                if kind != "frames":
+                    raise IngestError("INVALID_ARGUMENT", "empty StreamRequest (no frames)")
+                await self._push(req.frames, st, out)
+            cancelled = getattr(request_stream, "is_cancelled", None)
+            if cancelled is not None and cancelled():
+                st.cancelled = True  # the client vanished: no clean close, the session is resumable
+            elif st.actor is not None:
+                await self._finish(st, out)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            st.error = self._status_of(e)
+        finally:
+            await out.put(None)
+
+    async def _call_actor(self, st: _StreamState, method: str, *args):
+        """Call the session actor, waiting through a restart of its process."""
+        delay = 0.05
+        for attempt in range(PUSH_RETRIES):
+            try:
+                return await getattr(st.actor, method).remote(*args), attempt
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                # the actor's process died; Ray restarts it from its record (a restarted actor
+                # is owned by the first stream that calls it again)
+                if attempt == PUSH_RETRIES - 1:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 1.0)
+        raise AssertionError("unreachable")
+
+    async def _push(self, fr: pb.Frames, st: _StreamState, out: asyncio.Queue) -> None:
+        b = fr.block
+        if st.decodable and st.inflight >= st.max_inflight:
+            # backpressure: hold this block (and so the client) until a decode finishes, for up
+            # to two frame periods; past that the session buffer coalesces pending decodes, so
+            # a live stream's latency stays bounded (the newest window is always decoded)
+            deadline = time.perf_counter() + 2.0 / st.frame_rate_hz
+            while st.inflight >= st.max_inflight:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                st.freed.clear()
+                try:
+                    await asyncio.wait_for(st.freed.wait(), left)
+                except TimeoutError:
+                    break
+        t_in = time.perf_counter()
+        free = max(0, st.max_inflight - st.inflight) if st.decodable else 0
+        r, retried = await self._call_actor(
+            st,
+            "push",
+            st.epoch,
+            int(fr.first_frame_index),
+            b.values,
+            int(b.n_frames),
+            int(b.n_cells),
+            list(b.timestamps),
+            free,
+        )
+        m = self.metrics
+        m.frames_received.inc(int(b.n_frames))
+        if r["duplicates"]:
+            m.frames_dropped.labels("duplicate").inc(r["duplicates"])
+        if r["late"]:
+            m.frames_out_of_order.inc(r["late"])
+        if r["coalesced"]:
+            m.frames_dropped.labels("coalesced").inc(r["coalesced"])
+        lo, hi = int(fr.first_frame_index), int(fr.first_frame_index) + int(b.n_frames) - 1
+        for e in r["events"]:
+            if retried and e.kind == "DUPLICATE" and lo <= e.first_frame_index <= hi:
+                continue  # our own retry after an actor restart, not the client's duplicate
+            if e.kind == "GAP":
+                m.frames_missing.inc(e.last_frame_index - e.first_frame_index + 1)
+            elif e.kind == "LATE":
+                m.frames_dropped.labels("late").inc(e.last_frame_index - e.first_frame_index + 1)
+            await out.put(pb.StreamResponse(event=wire.event_pb(e)))
+        for d in r["decodes"]:
+            await out.put(self._schedule(st, d, t_in))
+
+    def _schedule(self, st: _StreamState, d: tuple, t_in: float) -> asyncio.Task:
+        frame_index, timestamp, values, frame_times, _ = d
+        job = DecodeJob(
+            st.session_id, st.units_key, values, frame_times, float(timestamp), st.top_m
+        )
+        st.inflight += 1
+
+        async def run() -> pb.StreamResponse:
+            try:
+                o: DecodeOut = await self.decoder.decode.remote(job)
+            finally:
+                st.inflight -= 1
+                st.freed.set()
+            self._decoded_metrics(o)
+            msgs = []
+            if st.ref is not None and o.ref.version != st.ref.version:
+                msgs.append(
+                    pb.StreamResponse(
+                        event=pb.StreamEvent(
+                            kind=pb.StreamEvent.MODEL_CHANGED,
+                            first_frame_index=int(frame_index),
+                            last_frame_index=int(frame_index),
+                            message=f"model {o.ref.name} {st.ref.version} -> {o.ref.version}",
+                        )
+                    )
+                )
+            st.ref = o.ref
+            st.decoded += 1
+            total = (time.perf_counter() - t_in) * 1e3
+            self.metrics.frame_to_explanation.observe(total / 1e3)
+            self.metrics.predictions.labels("StreamSession").inc()
+            pred = wire.prediction_pb(
+                o.decoded,
+                session_id=st.session_id,
+                frame_index=frame_index,
+                timestamp=timestamp,
+                ref=o.ref,
+                method=o.method,
+                queue_ms=o.queue_ms,
+                server_total_ms=total,
+            )
+            msgs.append(pb.StreamResponse(prediction=pred))
+            return msgs
+
+        return asyncio.ensure_future(run())
+
+    async def _finish(self, st: _StreamState, out: asyncio.Queue) -> None:
+        t_in = time.perf_counter()
+        r, _ = await self._call_actor(st, "finish", st.epoch)
+        for e in r["events"]:
+            await out.put(pb.StreamResponse(event=wire.event_pb(e)))
+        if st.decodable:
+            for d in r["decodes"]:
+                await out.put(self._schedule(st, d, t_in))
+        fut = asyncio.ensure_future(self._close(st))
+        await out.put(fut)
+
+    async def _close(self, st: _StreamState) -> list:
+        # wait for this stream's decodes (they precede this future in the queue) to be counted
+        while st.inflight:
+            await asyncio.sleep(0.001)
+        await st.actor.mark_decoded.remote(st.decoded)
+        status, _ = await self._call_actor(st, "close", st.epoch)
+        st.closed = True
+        try:
+            ray.kill(st.actor, no_restart=True)
+        except Exception:  # noqa: BLE001
+            pass
+        return [pb.StreamResponse(closed=wire.status_pb(status, st.ref))]
+
+
+class _StreamState:
+    def __init__(self) -> None:
+        self.actor = None
+        self.epoch = 0
+        self.session_id = ""
+        self.units_key = ""
+        self.top_m = 0
+        self.ref: ModelRef | None = None
+        self.decodable = False
+        self.max_inflight = 4
+        self.inflight = 0
+        self.freed = asyncio.Event()
+        self.frame_rate_hz = 30.0
+        self.decoded = 0
+        self.closed = False
+        self.cancelled = False
+        self.error: tuple[str, str] | None = None
+
+
+def build_app(args: dict | None = None) -> serve.Application:
+    """The Serve application (``import_path: service.app:build_app``); ``args``: ServiceSettings."""
+    s = ServiceSettings.model_validate(dict(args or {}))
+    d = s.model_dump(mode="json")
+    decoder = DecoderModel.bind(d)
+    return Ingress.bind(decoder, d)
