@@ -165,7 +165,7 @@ class DecoderModel:
             raise out
         return out
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _batch(self, reqs: list[tuple[DecodeJob, float]]) -> list:
         eng = self.engine
         t0 = time.perf_counter()

@@ -38,11 +38,20 @@ def demo(
     data: Annotated[
         Path | None, typer.Option(help="Recordings to use (default: the shipped Park sessions).")
     ] = None,
-) -> None:
-    """The main job: summarise the shipped real recordings (grows into the live demo)."""
-    data = data or default_data_dir()
-    typer.echo(f"cortexlens demo: recordings in {data}")
-    data_cmds.info([str(data)], as_json=False)
+    session: Annotated[int, typer.Option(min=0, help="Which recording to stream.")] = 0,
+    seconds: Annotated[float, typer.Option(min=1, help="Seconds of recording to stream.")] = 20.0,
+    speed: Annotated[float, typer.Option(min=0.1, help="Replay speed (x real time).")] = 2.0,
+    every: Annotated[int, typer.Option(min=1, help="Print every N-th prediction.")] = 8,
+    home: Annotated[
+        Path | None, typer.Option(help="Home with the registry (default: .cortexlens).")
+    ] = None,
+) -> int:
+    """The main job: train the default model if needed, serve it on a local Ray, stream a Park
+    session through the gRPC service and print live explanations, then shut down."""
+    from service.cli.serve import demo as run_demo
+
+    data_cmds.info([str(data or default_data_dir())], as_json=False)
+    return run_demo(data, session=session, seconds=seconds, speed=speed, every=every, home=home)
 
 
 def _register_optional() -> None:
@@ -55,6 +64,8 @@ def _register_optional() -> None:
         "service.cli.interpret",
         "service.cli.export",
         "service.cli.bundle",
+        "service.cli.record",
+        "service.cli.serve",
         "service.cli.stream",
     ):
         try:

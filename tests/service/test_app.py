@@ -174,6 +174,13 @@ def test_unary_bad_inputs_get_actionable_statuses(stub, served):
     r = _decode_req(rec)
     r.window.n_frames = 5000
     assert code(r)[0] == C.RESOURCE_EXHAUSTED
+    r = _decode_req(rec)
+    r.unit_ids[:] = [f"c{i}" for i in range(9000)]  # above max_cells
+    assert code(r)[0] == C.RESOURCE_EXHAUSTED
+    # a message above the proxy's size limit (64 MiB) is refused before it reaches the service
+    r = _decode_req(rec)
+    r.window.values = b"\x00" * (65 * 1024 * 1024)
+    assert code(r)[0] == C.RESOURCE_EXHAUSTED
     # the server is still fine
     assert stub.Decode(_decode_req(rec), timeout=30).prediction.tasks
 
@@ -211,6 +218,17 @@ def test_stream_park_session_every_frame_explained(client, served, stub):
     assert list(_record_indices(served, "park-full")) == list(range(n))
     st = stub.GetSession(pb.GetSessionRequest(session_id="park-full"), timeout=30)
     assert st.state == pb.SessionStatus.CLOSED and st.frames_recorded == n
+    # the durable record exports to NWB with exactly the frames sent
+    from models.data.io import load_recordings
+    from service.ingest import FrameRecord
+
+    out = FrameRecord.open(served.records / "park-full", readonly=True).export(
+        served.home / "park-full.nwb"
+    )
+    back = load_recordings([out])[0]
+    np.testing.assert_array_equal(back.traces, rec.traces[:n])
+    np.testing.assert_allclose(back.timestamps, rec.timestamps[:n])
+    assert list(back.unit_ids) == list(rec.unit_ids)
 
 
 def test_stream_sim512_at_30hz_in_real_time(client, served):
