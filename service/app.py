@@ -22,8 +22,10 @@ its record is kept and the client can reconnect with ``resume=true``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -47,7 +49,9 @@ log = logging.getLogger("cortexlens.app")
 
 SERVICE_NAME = "cortexlens.v1.Decoder"
 ACTOR_PREFIX = "session:"
+TRIALS_FILE = "trials.jsonl"  # stimulus trials sent on a stream, beside its record
 PUSH_RETRIES = 20  # tries of one block while a session actor restarts (~0.1 s apart, growing)
+CLOSE_GRACE_S = 0.3  # wait before closing a record cleanly after the client's input ended
 
 
 # -- messages between the ingress and the decoder deployment ---------------------------------------
@@ -112,21 +116,49 @@ class DecoderModel:
         self.settings = ServiceSettings.model_validate(settings)
         self.engine: Engine | None = None
         self._plans: dict[tuple[str, str, str], object] = {}
+        self._cfg: dict = {}
+        self._lock = threading.Lock()
         self._load({})
         self._batch.set_max_batch_size(self.settings.max_batch_size)
         self._batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        if self.settings.follow_current_s > 0:
+            threading.Thread(target=self._follow, daemon=True, name="follow-current").start()
 
     def _load(self, cfg: dict) -> None:
-        path, name = resolve_model(
-            self.settings, cfg.get("model", ""), cfg.get("version", ""), cfg.get("bundle", "")
-        )
-        if self.engine is not None and Path(self.engine.bundle.path) == Path(path):
-            return
-        eng = Engine(
-            path, name=name, threads=self.settings.threads, providers=self.settings.providers
-        )
-        self.engine, self._plans = eng, {}  # one assignment: a running batch keeps its engine
-        log.info("serving %s %s from %s", eng.ref.name, eng.ref.version, path)
+        with self._lock:
+            path, name = resolve_model(
+                self.settings, cfg.get("model", ""), cfg.get("version", ""), cfg.get("bundle", "")
+            )
+            self._cfg = dict(cfg)
+            if self.engine is not None and Path(self.engine.bundle.path) == Path(path):
+                return
+            eng = Engine(
+                path, name=name, threads=self.settings.threads, providers=self.settings.providers
+            )
+            self.engine, self._plans = eng, {}  # one assignment: a running batch keeps its engine
+            log.info("serving %s %s from %s", eng.ref.name, eng.ref.version, path)
+
+    def _follows_current(self) -> bool:
+        """Serving the registry's current version (not a pinned version or a bundle path)."""
+        c, s = self._cfg, self.settings
+        return not (c.get("bundle") or c.get("version") or s.bundle or s.version)
+
+    def _follow(self) -> None:
+        """Hot swap: when the registry's current version changes (promotion, rollback), load it
+        and swap the engine in place between batches."""
+        from models.registry import Registry
+
+        while True:
+            time.sleep(self.settings.follow_current_s)
+            if not self._follows_current():
+                continue
+            try:
+                name = self._cfg.get("model") or self.settings.model
+                cur = Registry(self.settings.registry_dir(), create=False).current(name)
+                if cur and self.engine is not None and cur != self.engine.ref.version:
+                    self._load(self._cfg)
+            except Exception:  # noqa: BLE001 - keep serving the loaded model; retry next tick
+                log.exception("could not follow the registry's current version")
 
     def reconfigure(self, user_config: dict) -> None:
         self._load(dict(user_config or {}))
@@ -216,6 +248,7 @@ class SessionActor:
         self.buf: SessionBuffer | None = None
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.epoch = 0
+        self.n_trials = 0
         if self.restarted:  # the process died: reopen the record and continue after it
             self.start(True)
 
@@ -227,6 +260,9 @@ class SessionActor:
         self.buf = SessionBuffer.open(
             directory, config=IngestConfig(**ingest), resume=resume, sync=sync, **open_kwargs
         )
+        tf = Path(directory) / TRIALS_FILE
+        if tf.exists():
+            self.n_trials = sum(1 for line in tf.read_text().splitlines() if line.strip())
 
     def hello(self) -> dict:
         return {
@@ -292,6 +328,29 @@ class SessionActor:
         self._check(epoch)
         r = self.buf.flush()
         return {"events": r.events, "decodes": self._pop(1 << 30)}
+
+    def add_trials(self, epoch: int, trials: list[dict]) -> int:
+        """Append stimulus trials to ``trials.jsonl`` beside the record (fsync'd); returns how
+        many the session holds. The labels retraining jobs learn from."""
+        self._check(epoch)
+        for i, t in enumerate(trials):
+            s, e = t["start"], t["end"]
+            if not (np.isfinite(s) and np.isfinite(e) and e > s):
+                raise IngestError(
+                    "INVALID_ARGUMENT",
+                    f"trial {i}: start {s} and end {e} must be finite with end > start (seconds "
+                    "on the session's clock)",
+                )
+        path = Path(self.buf.record.directory) / TRIALS_FILE
+        lines = "".join(json.dumps(t, allow_nan=True) + "\n" for t in trials)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, lines.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.n_trials += len(trials)
+        return self.n_trials
 
     def mark_decoded(self, n: int) -> None:
         self.buf.mark_decoded(n)
@@ -375,6 +434,7 @@ class Ingress:
         self.records = self.s.records_dir()
         self.records.mkdir(parents=True, exist_ok=True)
         self.draining = False
+        self._retrain_actor = None
 
     # -- helpers ----------------------------------------------------------------------------------
     def _auth(self, ctx) -> None:
@@ -424,7 +484,8 @@ class Ingress:
             values, ts = wire.window_from_block(request.window, len(ids), self.s.max_window_frames)
             sid = request.session_id or "unary"
             key = wire.units_key(ids)
-            job = DecodeJob(sid, key, values, ts, float(ts[-1]), int(request.top_m), request.model)
+            top_m = int(request.top_m) or self.s.top_m
+            job = DecodeJob(sid, key, values, ts, float(ts[-1]), top_m, request.model)
             out: DecodeOut = await self.decoder.decode.remote(job)
         except Exception as e:  # noqa: BLE001 - every failure becomes a status
             code, msg = self._status_of(e)
@@ -509,6 +570,98 @@ class Ingress:
             return pb.SessionStatus()
         return wire.status_pb(st)
 
+    # -- retraining control ------------------------------------------------------------------------
+    def _retrainer(self):
+        if self._retrain_actor is None:
+            from service.retrainer import retrainer_actor
+
+            self._retrain_actor = retrainer_actor(self.s.model_dump(mode="json"))
+        return self._retrain_actor
+
+    async def _job_call(self, method: str, name: str, *args):
+        """Call the retraining actor; every failure becomes a status on the call."""
+        return await getattr(self._retrainer(), name).remote(*args)
+
+    async def StartJob(self, request: pb.StartJobRequest, grpc_context=None) -> pb.Job:
+        try:
+            self._auth(grpc_context)
+            req = {
+                "kind": request.kind,
+                "session_ids": list(request.session_ids),
+                "model": request.model or None,
+                "workers": int(request.workers) or None,
+                "epochs": int(request.epochs) or None,
+                "promote": request.promote if request.HasField("promote") else None,
+                "min_accuracy_delta": (
+                    request.min_accuracy_delta if request.HasField("min_accuracy_delta") else None
+                ),
+            }
+            job = await self._job_call("StartJob", "start", req)
+        except Exception as e:  # noqa: BLE001
+            code, msg = self._status_of(e)
+            _fail(grpc_context, code, msg)
+            return pb.Job()
+        return wire.job_pb(job)
+
+    async def GetJob(self, request: pb.JobRef, grpc_context=None) -> pb.Job:
+        try:
+            self._auth(grpc_context)
+            job = await self._job_call("GetJob", "get", request.job_id)
+        except Exception as e:  # noqa: BLE001
+            code, msg = self._status_of(e)
+            _fail(grpc_context, code, msg)
+            return pb.Job()
+        return wire.job_pb(job)
+
+    async def CancelJob(self, request: pb.JobRef, grpc_context=None) -> pb.Job:
+        try:
+            self._auth(grpc_context)
+            job = await self._job_call("CancelJob", "cancel", request.job_id)
+        except Exception as e:  # noqa: BLE001
+            code, msg = self._status_of(e)
+            _fail(grpc_context, code, msg)
+            return pb.Job()
+        return wire.job_pb(job)
+
+    async def ListJobs(self, request: pb.ListJobsRequest, grpc_context=None):
+        try:
+            self._auth(grpc_context)
+            jobs = await self._job_call("ListJobs", "list")
+        except Exception as e:  # noqa: BLE001
+            code, msg = self._status_of(e)
+            _fail(grpc_context, code, msg)
+            return pb.ListJobsResponse()
+        return pb.ListJobsResponse(jobs=[wire.job_pb(j) for j in jobs])
+
+    async def WatchJob(self, request: pb.JobRef, grpc_context=None):
+        try:
+            self._auth(grpc_context)
+            last = None
+            while True:
+                job = await self._job_call("WatchJob", "get", request.job_id)
+                key = (job.get("state"), job.get("progress"), job.get("message"))
+                if key != last:
+                    last = key
+                    yield wire.job_pb(job)
+                if job.get("state") in ("SUCCEEDED", "FAILED", "CANCELLED"):
+                    return
+                await asyncio.sleep(0.5)
+        except StreamError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            code, msg = self._status_of(e)
+            _abort(grpc_context, code, msg)
+
+    async def Rollback(self, request: pb.RollbackRequest, grpc_context=None) -> pb.ModelRef:
+        try:
+            self._auth(grpc_context)
+            version = await self._job_call("Rollback", "rollback", request.model, request.version)
+        except Exception as e:  # noqa: BLE001
+            code, msg = self._status_of(e)
+            _fail(grpc_context, code, msg)
+            return pb.ModelRef()
+        return pb.ModelRef(name=request.model or self.s.model, version=version)
+
     # -- health -----------------------------------------------------------------------------------
     async def _health(self, service: str) -> int:
         if service not in ("", SERVICE_NAME):
@@ -584,6 +737,8 @@ class Ingress:
     async def _end_stream(self, st: _StreamState) -> None:
         if st.actor is None:
             return
+        if not st.closed:
+            st.cancelled = True  # a pending clean close must not happen now
         if st.session_id in self.live and self.live[st.session_id] == st.epoch:
             del self.live[st.session_id]
             self.metrics.active_sessions.set(len(self.live))
@@ -735,6 +890,9 @@ class Ingress:
                     raise IngestError(
                         "FAILED_PRECONDITION", "the session is already open; send frames"
                     )
+                if kind == "trials":
+                    await self._trials(req.trials, st)
+                    continue
                 if kind != "frames":
                     raise IngestError("INVALID_ARGUMENT", "empty StreamRequest (no frames)")
                 await self._push(req.frames, st, out)
@@ -814,6 +972,20 @@ class Ingress:
         for d in r["decodes"]:
             await out.put(self._schedule(st, d, t_in))
 
+    async def _trials(self, msg: pb.Trials, st: _StreamState) -> None:
+        if len(msg.trials) > 100_000:
+            raise IngestError("RESOURCE_EXHAUSTED", "more than 100000 trials in one message")
+        rows = [
+            {
+                "start": t.start,
+                "end": t.end,
+                "direction": t.direction,
+                "temporal_frequency": t.temporal_frequency,
+            }
+            for t in msg.trials
+        ]
+        await self._call_actor(st, "add_trials", st.epoch, rows)
+
     def _schedule(self, st: _StreamState, d: tuple, t_in: float) -> asyncio.Task:
         frame_index, timestamp, values, frame_times, _ = d
         job = DecodeJob(
@@ -875,6 +1047,12 @@ class Ingress:
         # wait for this stream's decodes (they precede this future in the queue) to be counted
         while st.inflight:
             await asyncio.sleep(0.001)
+        # A client that vanished can look like a half-close to the replica (the proxy's request
+        # iterator may just end); its cancellation reaches this handler a moment later. Wait a
+        # little before marking the record closed, so a vanished client leaves it resumable.
+        await asyncio.sleep(CLOSE_GRACE_S)
+        if st.cancelled:
+            raise asyncio.CancelledError
         await st.actor.mark_decoded.remote(st.decoded)
         status, _ = await self._call_actor(st, "close", st.epoch)
         st.closed = True

@@ -277,8 +277,11 @@ class SessionStream:
         deadline_s: float | None,
         accept_timeout_s: float,
         wait_for_ready: bool,
+        trials: np.ndarray | None = None,
     ) -> None:
         self._stub = stub
+        # [K, 4] start, end, direction, temporal_frequency: each is sent once its end is streamed
+        self._trials = np.zeros((0, 4)) if trials is None else np.asarray(trials, dtype=np.float64)
         self._open = open_msg
         self._traces = traces
         self._ts = timestamps
@@ -461,6 +464,12 @@ class SessionStream:
                         return
                 if self._stop.is_set():
                     return
+                due_trials = self._trials[
+                    (self._trials[:, 1] <= float(self._ts[j - 1])) & (self._trials[:, 1] > -np.inf)
+                ]
+                if due_trials.size:
+                    self._trials = self._trials[self._trials[:, 1] > float(self._ts[j - 1])]
+                    yield trials_message(due_trials)
                 msg = pb.StreamRequest(
                     frames=pb.Frames(
                         first_frame_index=i, block=pack_frames(self._traces[i:j], self._ts[i:j])
@@ -471,6 +480,9 @@ class SessionStream:
                 self._stats.frames_sent += j - i
                 yield msg
                 i = j
+            if self._trials.size and not self._stop.is_set():  # trials ending after the last frame
+                yield trials_message(self._trials)
+                self._trials = self._trials[:0]
         except GeneratorExit:
             raise
         except BaseException as e:  # a bug on our side: surfaced instead of gRPC's CANCELLED
@@ -483,8 +495,34 @@ class SessionStream:
 _EVENT_KINDS = set(pb.StreamEvent.Kind.values())
 
 
+def trials_message(rows: np.ndarray) -> pb.StreamRequest:
+    """Trials ``[K, 4]`` (start, end, direction, temporal_frequency) as a stream message."""
+    return pb.StreamRequest(
+        trials=pb.Trials(
+            trials=[
+                pb.Trial(
+                    start=float(a), end=float(b), direction=float(d), temporal_frequency=float(f)
+                )
+                for a, b, d, f in np.asarray(rows, dtype=np.float64)
+            ]
+        )
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Client
+
+
+def _trial_rows(recording, *, first: int, stop_at: int, ts: np.ndarray) -> np.ndarray | None:
+    """The recording's trials that end inside the streamed frames, as ``[K, 4]`` rows."""
+    tr = getattr(recording, "trials", None)
+    if tr is None or len(tr.start) == 0 or stop_at <= first:
+        return None
+    rows = np.stack([tr.start, tr.end, tr.direction, tr.temporal_frequency], axis=1).astype(
+        np.float64
+    )
+    keep = (rows[:, 0] >= ts[first]) & (rows[:, 1] <= ts[stop_at - 1])
+    return rows[keep] if keep.any() else None
 
 
 def _read_bytes(x: bytes | str | Path | None) -> bytes | None:
@@ -541,6 +579,7 @@ class Client:
             md.append(("authorization", f"Bearer {token}"))
         self._metadata: tuple[tuple[str, str], ...] = tuple(md)
         self._stub = pbg.DecoderStub(self._channel)
+        self._jobs = pbg.RetrainingStub(self._channel)
 
     # -- lifecycle ----------------------------------------------------------------------------
     @property
@@ -621,6 +660,57 @@ class Client:
         req = pb.GetSessionRequest(session_id=session_id)
         return self._unary("GetSession", self._stub.GetSession, req, timeout_s)
 
+    # -- retraining ------------------------------------------------------------------------------
+    def start_job(
+        self,
+        kind: str,
+        session_ids: Sequence[str],
+        *,
+        model: str = "",
+        workers: int = 0,
+        epochs: int = 0,
+        promote: bool | None = None,
+        min_accuracy_delta: float | None = None,
+        timeout_s: float | None = None,
+    ) -> pb.Job:
+        """Start a retraining job (``adapt``, ``sae_refit`` or ``finetune``) on recorded
+        sessions; returns it QUEUED (watch it with `watch_job`)."""
+        req = pb.StartJobRequest(
+            kind=kind, session_ids=list(session_ids), model=model, workers=workers, epochs=epochs
+        )
+        if promote is not None:
+            req.promote = promote
+        if min_accuracy_delta is not None:
+            req.min_accuracy_delta = min_accuracy_delta
+        return self._unary("StartJob", self._jobs.StartJob, req, timeout_s)
+
+    def job(self, job_id: str, *, timeout_s: float | None = None) -> pb.Job:
+        return self._unary("GetJob", self._jobs.GetJob, pb.JobRef(job_id=job_id), timeout_s)
+
+    def jobs(self, *, timeout_s: float | None = None) -> list[pb.Job]:
+        r = self._unary("ListJobs", self._jobs.ListJobs, pb.ListJobsRequest(), timeout_s)
+        return list(r.jobs)
+
+    def cancel_job(self, job_id: str, *, timeout_s: float | None = None) -> pb.Job:
+        return self._unary("CancelJob", self._jobs.CancelJob, pb.JobRef(job_id=job_id), timeout_s)
+
+    def watch_job(self, job_id: str, *, timeout_s: float | None = None) -> Iterator[pb.Job]:
+        """Progress updates of a job until it ends (the last one has its final state)."""
+        try:
+            yield from self._jobs.WatchJob(
+                pb.JobRef(job_id=job_id), timeout=timeout_s, metadata=self._metadata
+            )
+        except grpc.RpcError as e:
+            raise CortexlensError.from_rpc(e, method="WatchJob") from None
+
+    def rollback(
+        self, model: str = "", version: str = "", *, timeout_s: float | None = None
+    ) -> pb.ModelRef:
+        """Make ``version`` (default: the previous current one) current again; the replicas
+        swap to it in place."""
+        req = pb.RollbackRequest(model=model, version=version)
+        return self._unary("Rollback", self._jobs.Rollback, req, timeout_s)
+
     def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """Standard ``grpc.health.v1`` check: ``"SERVING"``, ``"NOT_SERVING"``, ..."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -654,6 +744,7 @@ class Client:
         metadata: Mapping[str, str] | None = None,
         deadline_s: float | None = None,
         accept_timeout_s: float | None = None,
+        send_trials: bool = True,
     ) -> SessionStream:
         """Open a ``StreamSession`` for one recording session (starts when iterated).
 
@@ -663,7 +754,9 @@ class Client:
         frame indices, ``block_frames`` per message; with ``realtime`` each block leaves when its
         last frame is due (timestamps / ``speed``), otherwise as fast as the server takes them.
         ``resume`` continues an interrupted session from the server's ``next_frame_index``.
-        ``metadata`` is recorded with the session (SessionOpen.metadata). ``deadline_s`` bounds
+        ``metadata`` is recorded with the session (SessionOpen.metadata). With ``send_trials``
+        the recording's stimulus trials are sent too, each once the frame at its end was sent
+        (the labels retraining jobs learn from). ``deadline_s`` bounds
         the whole call (default none); frames wait up to ``accept_timeout_s`` (default: the
         client's ``timeout_s``) for the server's ``accepted``.
         """
@@ -722,4 +815,7 @@ class Client:
             deadline_s=deadline_s,
             accept_timeout_s=self.timeout_s if accept_timeout_s is None else accept_timeout_s,
             wait_for_ready=self.wait_for_ready,
+            trials=_trial_rows(recording, first=int(start_frame), stop_at=int(stop_at), ts=ts)
+            if send_trials and recording is not None
+            else None,
         )

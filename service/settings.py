@@ -39,6 +39,9 @@ class ServiceSettings(Config):
     version: str = ""
     # ... or an explicit bundle directory (overrides the registry)
     bundle: str = ""
+    # while serving the registry's current version, check it every this many seconds and swap
+    # to a newly promoted (or rolled back) version in place (0 = off)
+    follow_current_s: float = Field(1.0, ge=0.0)
     # where session records go ("" = <home>/sessions)
     records: str = ""
     threads: int = Field(1, ge=1)

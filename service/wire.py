@@ -203,3 +203,27 @@ def units_pb(ref: ModelRef, units: Sequence[Mapping]) -> pb.ListUnitsResponse:
             for u in units
         ],
     )
+
+
+def job_pb(job: Mapping[str, object]) -> pb.Job:
+    """A retraining job record (`service.retrain.JobStore`) as a `pb.Job`."""
+    import json
+
+    spec = job.get("spec") or {}
+    result = job.get("result")
+    return pb.Job(
+        job_id=str(job.get("job_id", "")),
+        kind=str(spec.get("kind", job.get("kind", ""))),
+        session_ids=[str(s) for s in spec.get("session_ids", job.get("session_ids", []))],
+        state=str(job.get("state", "")),
+        progress=float(job.get("progress") or 0.0),
+        message=str(job.get("message") or ""),
+        parent_version=str(job.get("parent_version") or ""),
+        candidate_version=str(job.get("candidate_version") or ""),
+        promoted=bool(job.get("promoted")),
+        decision=str(job.get("decision") or ""),
+        result_json=json.dumps(result, default=str) if result is not None else "",
+        created_at=str(job.get("created_at") or ""),
+        started_at=str(job.get("started_at") or ""),
+        finished_at=str(job.get("finished_at") or ""),
+    )

@@ -65,6 +65,7 @@ def _register_optional() -> None:
         "service.cli.export",
         "service.cli.bundle",
         "service.cli.record",
+        "service.cli.retrain",
         "service.cli.serve",
         "service.cli.stream",
     ):

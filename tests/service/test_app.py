@@ -526,5 +526,28 @@ def test_hot_swap_to_another_version_mid_stream(client, served):
     assert len(versions) == 240  # nothing lost across the swap
     assert versions[0] == served.version and versions[-1] == v2
     assert any(e.kind == pb.StreamEvent.MODEL_CHANGED for e in events)
-    # back to v1 for the other tests
-    server.deploy(server.set_model(served.cfg, version=served.version), log=None)
+    # unpin: follow the registry's current version (v1) again
+    server.deploy(server.set_model(served.cfg), log=None)
+    _wait_version(client, served, served.version)
+
+
+def _wait_version(client, served, version, timeout_s=30.0):
+    rec = _park(served)
+    v, t = _window(rec, 120, 17)
+    deadline = time.time() + timeout_s
+    while True:
+        got = client.decode(rec.session_id, rec.unit_ids, v, t).model.version
+        if got == version or time.time() > deadline:
+            return got
+        time.sleep(0.2)
+
+
+def test_promotion_and_rollback_swap_the_serving_model_in_place(client, served):
+    reg = served.registry
+    v1 = reg.current("default")
+    v3 = reg.publish(reg.open("default").path, "default")
+    reg.promote("default", v3, reason="test")
+    assert _wait_version(client, served, v3) == v3  # replicas follow the current pointer
+    back = client.rollback(version=v1)  # one call, over gRPC
+    assert back.version == v1 and reg.current("default") == v1
+    assert _wait_version(client, served, v1) == v1

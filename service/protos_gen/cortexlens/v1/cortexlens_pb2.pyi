@@ -8,6 +8,80 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class StartJobRequest(_message.Message):
+    __slots__ = ("kind", "session_ids", "model", "workers", "epochs", "promote", "min_accuracy_delta")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    PROMOTE_FIELD_NUMBER: _ClassVar[int]
+    MIN_ACCURACY_DELTA_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    model: str
+    workers: int
+    epochs: int
+    promote: bool
+    min_accuracy_delta: float
+    def __init__(self, kind: _Optional[str] = ..., session_ids: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., workers: _Optional[int] = ..., epochs: _Optional[int] = ..., promote: _Optional[bool] = ..., min_accuracy_delta: _Optional[float] = ...) -> None: ...
+
+class JobRef(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("job_id", "kind", "session_ids", "state", "progress", "message", "parent_version", "candidate_version", "promoted", "decision", "result_json", "created_at", "started_at", "finished_at")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PARENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    kind: str
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    state: str
+    progress: float
+    message: str
+    parent_version: str
+    candidate_version: str
+    promoted: bool
+    decision: str
+    result_json: str
+    created_at: str
+    started_at: str
+    finished_at: str
+    def __init__(self, job_id: _Optional[str] = ..., kind: _Optional[str] = ..., session_ids: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., progress: _Optional[float] = ..., message: _Optional[str] = ..., parent_version: _Optional[str] = ..., candidate_version: _Optional[str] = ..., promoted: _Optional[bool] = ..., decision: _Optional[str] = ..., result_json: _Optional[str] = ..., created_at: _Optional[str] = ..., started_at: _Optional[str] = ..., finished_at: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
 class FrameBlock(_message.Message):
     __slots__ = ("n_frames", "n_cells", "values", "timestamps")
     N_FRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -43,12 +117,32 @@ class DecodeResponse(_message.Message):
     def __init__(self, prediction: _Optional[_Union[Prediction, _Mapping]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("open", "frames")
+    __slots__ = ("open", "frames", "trials")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
+    TRIALS_FIELD_NUMBER: _ClassVar[int]
     open: SessionOpen
     frames: Frames
-    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., frames: _Optional[_Union[Frames, _Mapping]] = ...) -> None: ...
+    trials: Trials
+    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., frames: _Optional[_Union[Frames, _Mapping]] = ..., trials: _Optional[_Union[Trials, _Mapping]] = ...) -> None: ...
+
+class Trial(_message.Message):
+    __slots__ = ("start", "end", "direction", "temporal_frequency")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    TEMPORAL_FREQUENCY_FIELD_NUMBER: _ClassVar[int]
+    start: float
+    end: float
+    direction: float
+    temporal_frequency: float
+    def __init__(self, start: _Optional[float] = ..., end: _Optional[float] = ..., direction: _Optional[float] = ..., temporal_frequency: _Optional[float] = ...) -> None: ...
+
+class Trials(_message.Message):
+    __slots__ = ("trials",)
+    TRIALS_FIELD_NUMBER: _ClassVar[int]
+    trials: _containers.RepeatedCompositeFieldContainer[Trial]
+    def __init__(self, trials: _Optional[_Iterable[_Union[Trial, _Mapping]]] = ...) -> None: ...
 
 class SessionOpen(_message.Message):
     __slots__ = ("session_id", "subject_id", "genetic_background", "unit_ids", "frame_rate_hz", "decode_stride", "top_m", "model", "metadata", "resume")

@@ -276,3 +276,301 @@ class Decoder:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RetrainingStub:
+    """Batch retraining on recorded sessions (adaptation to new sessions, SAE refit, fine-tuning).
+    Every job evaluates its candidate against the serving version on held-out trials and promotes
+    it only if the promotion gates pass; promotion swaps the serving model in place.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.StartJob = channel.unary_unary(
+                '/cortexlens.v1.Retraining/StartJob',
+                request_serializer=cortexlens_dot_v1_dot_cortexlens__pb2.StartJobRequest.SerializeToString,
+                response_deserializer=cortexlens_dot_v1_dot_cortexlens__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/cortexlens.v1.Retraining/GetJob',
+                request_serializer=cortexlens_dot_v1_dot_cortexlens__pb2.JobRef.SerializeToString,
+                response_deserializer=cortexlens_dot_v1_dot_cortexlens__pb2.Job.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/cortexlens.v1.Retraining/WatchJob',
+                request_serializer=cortexlens_dot_v1_dot_cortexlens__pb2.JobRef.SerializeToString,
+                response_deserializer=cortexlens_dot_v1_dot_cortexlens__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/cortexlens.v1.Retraining/ListJobs',
+                request_serializer=cortexlens_dot_v1_dot_cortexlens__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=cortexlens_dot_v1_dot_cortexlens__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/cortexlens.v1.Retraining/CancelJob',
+                request_serializer=cortexlens_dot_v1_dot_cortexlens__pb2.JobRef.SerializeToString,
+                response_deserializer=cortexlens_dot_v1_dot_cortexlens__pb2.Job.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/cortexlens.v1.Retraining/Rollback',
+                request_serializer=cortexlens_dot_v1_dot_cortexlens__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=cortexlens_dot_v1_dot_cortexlens__pb2.ModelRef.FromString,
+                _registered_method=True)
+
+
+class RetrainingServicer:
+    """Batch retraining on recorded sessions (adaptation to new sessions, SAE refit, fine-tuning).
+    Every job evaluates its candidate against the serving version on held-out trials and promotes
+    it only if the promotion gates pass; promotion swaps the serving model in place.
+    """
+
+    def StartJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """Progress updates until the job ends (the last message has a final state).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Make an earlier version current again (default: the previous current one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RetrainingServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'StartJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartJob,
+                    request_deserializer=cortexlens_dot_v1_dot_cortexlens__pb2.StartJobRequest.FromString,
+                    response_serializer=cortexlens_dot_v1_dot_cortexlens__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=cortexlens_dot_v1_dot_cortexlens__pb2.JobRef.FromString,
+                    response_serializer=cortexlens_dot_v1_dot_cortexlens__pb2.Job.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=cortexlens_dot_v1_dot_cortexlens__pb2.JobRef.FromString,
+                    response_serializer=cortexlens_dot_v1_dot_cortexlens__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=cortexlens_dot_v1_dot_cortexlens__pb2.ListJobsRequest.FromString,
+                    response_serializer=cortexlens_dot_v1_dot_cortexlens__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=cortexlens_dot_v1_dot_cortexlens__pb2.JobRef.FromString,
+                    response_serializer=cortexlens_dot_v1_dot_cortexlens__pb2.Job.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=cortexlens_dot_v1_dot_cortexlens__pb2.RollbackRequest.FromString,
+                    response_serializer=cortexlens_dot_v1_dot_cortexlens__pb2.ModelRef.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'cortexlens.v1.Retraining', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('cortexlens.v1.Retraining', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Retraining:
+    """Batch retraining on recorded sessions (adaptation to new sessions, SAE refit, fine-tuning).
+    Every job evaluates its candidate against the serving version on held-out trials and promotes
+    it only if the promotion gates pass; promotion swaps the serving model in place.
+    """
+
+    @staticmethod
+    def StartJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cortexlens.v1.Retraining/StartJob',
+            cortexlens_dot_v1_dot_cortexlens__pb2.StartJobRequest.SerializeToString,
+            cortexlens_dot_v1_dot_cortexlens__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cortexlens.v1.Retraining/GetJob',
+            cortexlens_dot_v1_dot_cortexlens__pb2.JobRef.SerializeToString,
+            cortexlens_dot_v1_dot_cortexlens__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cortexlens.v1.Retraining/WatchJob',
+            cortexlens_dot_v1_dot_cortexlens__pb2.JobRef.SerializeToString,
+            cortexlens_dot_v1_dot_cortexlens__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cortexlens.v1.Retraining/ListJobs',
+            cortexlens_dot_v1_dot_cortexlens__pb2.ListJobsRequest.SerializeToString,
+            cortexlens_dot_v1_dot_cortexlens__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cortexlens.v1.Retraining/CancelJob',
+            cortexlens_dot_v1_dot_cortexlens__pb2.JobRef.SerializeToString,
+            cortexlens_dot_v1_dot_cortexlens__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cortexlens.v1.Retraining/Rollback',
+            cortexlens_dot_v1_dot_cortexlens__pb2.RollbackRequest.SerializeToString,
+            cortexlens_dot_v1_dot_cortexlens__pb2.ModelRef.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
