@@ -187,6 +187,10 @@ class DecoderModel:
     async def model_info(self) -> dict:
         return self.engine.model_info()
 
+    async def ref(self) -> ModelRef:
+        """The served model (a cheap call for health checks)."""
+        return self.engine.ref
+
     async def units(self, variable: str = "") -> tuple[ModelRef, list[dict]]:
         eng = self.engine
         return eng.ref, eng.units(variable)
@@ -669,7 +673,7 @@ class Ingress:
         if self.draining:
             return health_pb2.HealthCheckResponse.NOT_SERVING
         try:
-            await asyncio.wait_for(self.decoder.model_info.remote(), timeout=5.0)
+            await asyncio.wait_for(self.decoder.ref.remote(), timeout=5.0)
         except Exception:  # noqa: BLE001
             return health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse.SERVING
