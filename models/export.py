@@ -34,6 +34,13 @@ Graph outputs (``T`` = each task name, sorted; C = the task's classes, M = ``top
     <T>.attributions float32 [B, M, C]  logit change when the unit is ablated
     <T>.unexplained  float32 [B, C]     logit - sum of the M attributions
 
+``ExplainedDecoder(..., attributions=False)`` is the attribution-off variant (for latency
+comparisons, and clients that only need the prediction and which units were active): the same
+inputs, and only ``units``, ``activations``, ``<T>.logits`` and ``<T>.probs`` (the SAE encoder
+still runs, the M + 3 readout variants do not; the logits are the readout of the decoder's
+latents, which is what the SAE spliced with its error term gives). `export_onnx` exports
+either; bundles (`export_bundle`) always hold the default attribution-on graph.
+
 `export_bundle` writes the bundle (`models.bundle.write_bundle`): model.onnx,
 decoder.safetensors, sae.safetensors, config.json, units.json, metrics.json, vocab.json.
 This module never imports the service layer.
@@ -54,7 +61,7 @@ from torch import Tensor, nn
 from models.decoder.checkpoint import LOG_FILE, Checkpoint
 from models.decoder.checkpoint import WEIGHTS_FILE as DECODER_FILE
 from models.decoder.model import BATCH_KEYS, Decoder
-from models.interpret.attribution import ablation_attribution, tile_rows
+from models.interpret.attribution import ablation_attribution, tile_rows, top_units
 from models.sae.base import CFG_FILE as SAE_CFG_FILE
 from models.sae.base import WEIGHTS_FILE as SAE_FILE
 from models.sae.base import SparseAutoencoder
@@ -64,17 +71,28 @@ METHOD = "ablation"
 PARITY_TOL = 1e-4
 
 
-def output_names(task_names: Sequence[str]) -> list[str]:
+def output_names(task_names: Sequence[str], attributions: bool = True) -> list[str]:
     names = ["units", "activations"]
     for t in task_names:
-        names += [f"{t}.logits", f"{t}.probs", f"{t}.attributions", f"{t}.unexplained"]
+        names += [f"{t}.logits", f"{t}.probs"]
+        if attributions:
+            names += [f"{t}.attributions", f"{t}.unexplained"]
     return names
 
 
 class ExplainedDecoder(nn.Module):
-    """Decoder + spliced SAE (with error) + exact ablation attribution of the top-M units."""
+    """Decoder + spliced SAE (with error) + exact ablation attribution of the top-M units.
 
-    def __init__(self, decoder: Decoder, sae: SparseAutoencoder, top_m: int = 16):
+    ``attributions=False``: no ablation (outputs: units, activations, logits, probs)."""
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        sae: SparseAutoencoder,
+        top_m: int = 16,
+        *,
+        attributions: bool = True,
+    ):
         super().__init__()
         if sae.cfg.d_in != decoder.config.dim:
             raise ValueError(f"SAE d_in {sae.cfg.d_in} != decoder dim {decoder.config.dim}")
@@ -84,10 +102,11 @@ class ExplainedDecoder(nn.Module):
         if self.top_m < 1:
             raise ValueError("top_m must be >= 1")
         self.task_names: tuple[str, ...] = decoder.task_names
+        self.attributions = bool(attributions)
 
     @property
     def output_names(self) -> list[str]:
-        return output_names(self.task_names)
+        return output_names(self.task_names, self.attributions)
 
     def forward(
         self,
@@ -107,6 +126,13 @@ class ExplainedDecoder(nn.Module):
         x = self.decoder.encode(batch)
         m = self.top_m
         b = x.shape[0]
+        if not self.attributions:
+            _, idx, vals = top_units(self.sae, x, m)
+            logits = self.decoder.readout(x, {"session_index": session_index})
+            plain: list[Tensor] = [idx, vals]
+            for t in self.task_names:
+                plain += [logits[t], torch.softmax(logits[t], dim=-1)]
+            return tuple(plain)
 
         def readout(z: Tensor) -> dict[str, Tensor]:
             k = z.shape[0] // b
@@ -132,17 +158,23 @@ def _example(batch: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
 
 
 def simulated_batch(
-    decoder: Decoder, batch_size: int, n_cells: int, *, seed: int = 0, n_pad: int = 0
+    decoder: Decoder,
+    batch_size: int,
+    n_cells: int,
+    *,
+    seed: int = 0,
+    n_pad: int = 0,
+    fs: float = 16.0,
 ) -> dict[str, Tensor]:
     """Random windows in the decoder's format: ``n_cells`` distinct known units per window
-    (``poyo``: every frame of each cell), dF/F ~ N(0, 1), the last ``n_pad`` tokens padding."""
+    (``poyo``: every frame of each cell, ``window_s * fs`` frames), dF/F ~ N(0, 1), the last
+    ``n_pad`` tokens padding."""
     from models.decoder.tokenizers import collate, tokenizer_for
 
     c = decoder.config
     tok = tokenizer_for(c)
     rng = np.random.default_rng(seed)
     n_cells = min(n_cells, c.n_units)
-    fs = 16.0
     n_frames = max(int(c.window_s * fs), 2)
     ts = np.arange(n_frames) / fs
     samples = []
@@ -234,6 +266,7 @@ def parity(
     ``units`` are compared on the ids (``units_mismatch``: fraction of differing ids; near-ties
     in the summed activations may swap order, so attributions are compared only where the ids
     agree), ``additivity``: max |sum(attributions) + unexplained - logits| in the ONNX outputs.
+    For an attribution-off model (``model.attributions`` False) the attribution keys stay 0.
     """
     res = {
         "logits": 0.0,
@@ -259,16 +292,20 @@ def parity(
         )
         for t in model.task_names:
             for kind in ("logits", "probs", "unexplained"):
+                if f"{t}.{kind}" not in ref:
+                    continue
                 d = float(np.abs(got[f"{t}.{kind}"] - ref[f"{t}.{kind}"]).max())
                 res[kind] = max(res[kind], d)
+            dp = float(np.abs(ref[f"{t}.logits"] - plain[t].numpy()).max())
+            res["plain_decoder_logits"] = max(res["plain_decoder_logits"], dp)
+            if f"{t}.attributions" not in ref:
+                continue
             da = np.abs(got[f"{t}.attributions"] - ref[f"{t}.attributions"])[same]
             res["attributions"] = max(res["attributions"], float(da.max()) if da.size else 0.0)
             total = got[f"{t}.attributions"].sum(1) + got[f"{t}.unexplained"]
             res["additivity"] = max(
                 res["additivity"], float(np.abs(total - got[f"{t}.logits"]).max())
             )
-            dp = float(np.abs(ref[f"{t}.logits"] - plain[t].numpy()).max())
-            res["plain_decoder_logits"] = max(res["plain_decoder_logits"], dp)
     res["units_mismatch"] = n_bad / max(n_ids, 1)
     return res
 
