@@ -110,60 +110,17 @@ class Retrainer:
 
     # -- the worker -------------------------------------------------------------------------------
     def _worker(self) -> None:
-        from service.retrain import JobCancelled, JobSpec, run_job
+        from service.retrain import execute_job
 
         while True:
             job_id = self._queue.get()
-            job = self.store.get(job_id)
-            if job["state"] != "QUEUED":
-                continue
+            if self.store.get(job_id)["state"] != "QUEUED":
+                continue  # cancelled while queued
             ev = self._cancel.setdefault(job_id, threading.Event())
-            self.store.update(job_id, state="RUNNING", started_at=_now(), progress=0.0)
-
-            def progress(frac: float, text: str, job_id=job_id) -> None:
-                self.store.update(job_id, progress=float(frac), message=str(text))
-
             try:
-                result = run_job(
-                    JobSpec.model_validate(job["spec"]),
-                    home=self.home,
-                    job_id=job_id,
-                    progress=progress,
-                    cancelled=ev.is_set,
-                )
-            except JobCancelled:
-                self.store.update(
-                    job_id, state="CANCELLED", finished_at=_now(), message="cancelled"
-                )
-            except Exception as e:  # noqa: BLE001 - a failed job is a job state, not a crash
-                log.exception("job %s failed", job_id)
-                self.store.update(
-                    job_id,
-                    state="FAILED",
-                    finished_at=_now(),
-                    message=f"{type(e).__name__}: {e}",
-                )
-            else:
-                fields = {
-                    k: result[k]
-                    for k in ("parent_version", "candidate_version", "promoted", "decision")
-                    if k in result
-                }
-                self.store.update(
-                    job_id,
-                    state="SUCCEEDED",
-                    finished_at=_now(),
-                    progress=1.0,
-                    message="done",
-                    result=result,
-                    **fields,
-                )
-
-
-def _now() -> str:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC).isoformat(timespec="seconds")
+                execute_job(self.store, job_id, home=self.home, cancelled=ev.is_set)
+            except Exception:  # noqa: BLE001 - execute_job records job failures; keep serving
+                log.exception("retraining worker: job %s", job_id)
 
 
 def retrainer_actor(settings: dict):
