@@ -551,3 +551,97 @@ def test_promotion_and_rollback_swap_the_serving_model_in_place(client, served):
     back = client.rollback(version=v1)  # one call, over gRPC
     assert back.version == v1 and reg.current("default") == v1
     assert _wait_version(client, served, v1) == v1
+
+
+# -- retraining under load (runs last: it promotes new versions) -----------------------------------
+def test_record_retrain_promote_while_streaming_then_refuse_and_roll_back(client, served):
+    """Issue 7: record a session (with its trials) through the stream, fine-tune on it with 2 Ray
+    Train workers, promote, and keep streaming across the swap: no failed request, no lost
+    frame, the version change visible in the responses. Then a worse candidate is refused with
+    its numbers, and a rollback restores the previous version."""
+    from service.client import Client
+    from service.home import simulated_recording
+
+    reg = served.registry
+    v_before = reg.current("default")
+    # 1. a session the model has never seen: recorded (with trials), not decoded
+    new = simulated_recording("newsim", n_cells=48, frame_rate=15.0, minutes=4.0, seed=11)
+    items = _run_stream(client, new, realtime=False, session_id="newsim")
+    assert items[0].message.decoding is False
+    assert items[-1].message.frames_recorded == new.n_frames
+    trials_file = served.records / "newsim" / "trials.jsonl"
+    assert len(trials_file.read_text().splitlines()) == len(new.trials.start)
+
+    # 2. meanwhile a known session keeps streaming, stream after stream, through the job
+    stop = threading.Event()
+    runs: list[dict] = []
+
+    def keep_streaming():
+        rec = _park(served, 1)
+        k = 0
+        with Client(served.target, timeout_s=60) as c:
+            while not stop.is_set():
+                sid = f"live-{k}"
+                s = c.stream(rec, realtime=True, speed=2.0, max_frames=160, session_id=sid)
+                got = [
+                    (i.message.frame_index, i.message.model.version)
+                    for i in s
+                    if i.kind == "prediction"
+                ]
+                st = s.stats()
+                runs.append({"sid": sid, "preds": got, "error": st.error, "closed": st.closed})
+                k += 1
+
+    th = threading.Thread(target=keep_streaming)
+    th.start()
+    try:
+        job = client.start_job("finetune", ["newsim"], workers=2, epochs=3)
+        assert job.state in ("QUEUED", "RUNNING")
+        states = [j for j in client.watch_job(job.job_id, timeout_s=900)]
+        final = states[-1]
+        assert final.state == "SUCCEEDED", (final.state, final.message)
+        assert final.candidate_version and final.parent_version == v_before
+        assert final.decision
+        result = __import__("json").loads(final.result_json)
+        print("\nfinetune job:", final.decision, "| durations:", result.get("durations_s"))
+        if final.promoted:
+            assert reg.current("default") == final.candidate_version
+            _wait_version(client, served, final.candidate_version)
+            time.sleep(6)  # a few more frames on the new version
+    finally:
+        stop.set()
+        th.join(300)
+    assert runs
+    for r in runs:  # zero failed requests, zero lost frames
+        assert r["error"] is None, r
+        assert [f for f, _ in r["preds"]] == list(range(160)), r["sid"]
+        assert list(_record_indices(served, r["sid"])) == list(range(160))
+    versions = [v for r in runs for _, v in r["preds"]]
+    assert versions[0] == v_before
+    if final.promoted:
+        assert versions[-1] == final.candidate_version  # the swap is visible in the responses
+        # the new session is now decoded by the promoted version
+        again = _run_stream(client, new, realtime=False, max_frames=60, session_id="newsim-again")
+        assert again[0].message.decoding is True
+        assert all(
+            i.message.model.version == final.candidate_version
+            for i in again
+            if i.kind == "prediction"
+        )
+
+    # 3. a worse candidate (impossible gate) is refused with its numbers
+    bad = client.start_job("sae_refit", ["newsim"], min_accuracy_delta=1.0)
+    final_bad = list(client.watch_job(bad.job_id, timeout_s=600))[-1]
+    assert final_bad.state == "SUCCEEDED", (final_bad.state, final_bad.message)
+    assert final_bad.promoted is False
+    assert "refused" in final_bad.decision.lower() or "not promoted" in final_bad.decision.lower()
+    assert any(ch.isdigit() for ch in final_bad.decision)
+    current = reg.current("default")
+    assert current != final_bad.candidate_version
+    jobs = {j.job_id for j in client.jobs()}
+    assert {job.job_id, bad.job_id} <= jobs
+
+    # 4. rollback to the version served before the job, in one call
+    back = client.rollback(version=v_before)
+    assert back.version == v_before
+    assert _wait_version(client, served, v_before) == v_before
