@@ -222,7 +222,15 @@ def export_onnx(
     kw: dict[str, Any] = {}
     if opset is not None:
         kw["opset_version"] = opset
-    with torch.no_grad():
+    import logging
+    import warnings
+
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:  # the exporter's notes on optional torchvision ops are noise here
+        lg.setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*(axis name|LeafSpec|TreeSpec).*")
         torch.onnx.export(
             model.eval(),
             _example(example),
@@ -235,6 +243,8 @@ def export_onnx(
             verbose=False,
             **kw,
         )
+    for lg, lvl in zip(quiet, levels, strict=True):
+        lg.setLevel(lvl)
     return path
 
 

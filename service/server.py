@@ -80,10 +80,14 @@ def start(
 
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(MAX_MESSAGE_BYTES))
     if not ray.is_initialized():
-        kw: dict[str, Any] = {"namespace": NAMESPACE, "include_dashboard": False}
-        if address:
-            kw["address"] = address
-        elif num_cpus is not None:
+        # "local": always a new local instance unless an address is given (never attach to
+        # some other cluster a `ray start` left on this machine)
+        kw: dict[str, Any] = {
+            "namespace": NAMESPACE,
+            "include_dashboard": False,
+            "address": address or "local",
+        }
+        if not address and num_cpus is not None:
             kw["num_cpus"] = num_cpus
         ray.init(**kw, log_to_driver=False)
     schema = ServeDeploySchema.model_validate(cfg)

@@ -1,0 +1,1 @@
+"""Load generator and benchmarks of cortexlens (``python -m loadtest``; see loadtest/README.md)."""
