@@ -196,6 +196,50 @@ def plot_learning_curve(log: list[dict], path: Path, best_epoch: int | None = No
     plt.close(fig)
 
 
+def multitask_loss(
+    out_logits: dict[str, torch.Tensor],
+    labels: dict[str, torch.Tensor],
+    weights: dict[str, float],
+    tcfg: TrainConfig,
+    *,
+    every_head_in_graph: bool = False,
+) -> torch.Tensor:
+    """Weighted cross-entropy summed over the tasks with labels in the batch (-1 = none).
+
+    ``every_head_in_graph`` keeps heads without labels in the graph with a zero term, so every
+    data-parallel worker builds the same graph (DDP needs it)."""
+    loss = torch.zeros(())
+    for task, logits in out_logits.items():
+        y = labels.get(task)
+        if y is None or not bool((y >= 0).any()):
+            if every_head_in_graph:
+                loss = loss + 0.0 * logits.sum()
+            continue
+        loss = loss + weights.get(task, 1.0) * F.cross_entropy(
+            logits, y, ignore_index=-1, label_smoothing=tcfg.label_smoothing
+        )
+    return loss
+
+
+def make_optimizer(model: Decoder, tcfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; the unit and session embeddings (the
+    vocabularies) at ``lr * emb_lr_mult`` without decay."""
+    decay, no_decay, vocab_emb = [], [], []
+    for name, p in model.named_parameters():
+        if name in ("unit_emb.weight", "session_emb.weight"):
+            vocab_emb.append(p)
+        else:
+            (no_decay if p.ndim < 2 or "emb" in name else decay).append(p)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": tcfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0},
+            {"params": vocab_emb, "weight_decay": 0, "lr": tcfg.lr * tcfg.emb_lr_mult},
+        ],
+        lr=tcfg.lr,
+    )
+
+
 def build_vocab(recordings: Sequence[Recording]) -> Vocab:
     vocab = Vocab(genetic_classes=genetic_classes(recordings))
     for r in recordings:
@@ -258,20 +302,7 @@ def train(
     n_items = sum(len(t) for t in train_tr) * tcfg.windows_per_trial
     steps_per_epoch = max(1, math.ceil(n_items / tcfg.batch_size))
     total_steps = steps_per_epoch * tcfg.epochs
-    decay, no_decay, vocab_emb = [], [], []
-    for name, p in model.named_parameters():
-        if name in ("unit_emb.weight", "session_emb.weight"):
-            vocab_emb.append(p)
-        else:
-            (no_decay if p.ndim < 2 or "emb" in name else decay).append(p)
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": tcfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0},
-            {"params": vocab_emb, "weight_decay": 0, "lr": tcfg.lr * tcfg.emb_lr_mult},
-        ],
-        lr=tcfg.lr,
-    )
+    opt = make_optimizer(model, tcfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total_steps, tcfg.warmup_epochs * steps_per_epoch)
     )
@@ -301,14 +332,7 @@ def train(
                 items[s : s + tcfg.batch_size], sessions, tokenizer, tcfg, rng, scales
             )
             out_logits = model.forward_batch(batch)
-            loss = torch.zeros(())
-            for task, logits in out_logits.items():
-                y = labels.get(task)
-                if y is None or not bool((y >= 0).any()):
-                    continue
-                loss = loss + weights.get(task, 1.0) * F.cross_entropy(
-                    logits, y, ignore_index=-1, label_smoothing=tcfg.label_smoothing
-                )
+            loss = multitask_loss(out_logits, labels, weights, tcfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

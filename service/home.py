@@ -262,22 +262,9 @@ def quick_bundle(
                 f"(test accuracy {summary['test_acc']})")  # fmt: skip
             t0 = time.perf_counter()
             if label:
-                from models.interpret.pipeline import InterpretConfig, run_interpret, write_outputs
+                from models.interpret.pipeline import run_interpret, write_outputs
 
-                icfg = InterpretConfig(
-                    seed=seed,
-                    sae_units=sae_units,
-                    k=sae_k,
-                    steps=sae_steps,
-                    sae_batch_size=512,
-                    n_seeds=1,
-                    n_perm=100,
-                    ablation_draws=5,
-                    ablation_top=0,
-                    attribution_examples=8,
-                    ig_steps=4,
-                    window_stride=4,
-                )
+                icfg = cheap_interpret_config(seed, sae_steps, sae_units=sae_units, k=sae_k)
                 res = run_interpret(ckpt, recordings, icfg, log=say)
                 sae_dir = write_outputs(res, tmp / "interpret", report=False)["sae"].parent
                 units_json = None  # picked up beside the SAE
@@ -345,6 +332,26 @@ class DefaultModel:
     bundle_path: Path
     built: bool = False  # True when this call built it
     timings: Mapping[str, float] = field(default_factory=dict)  # seconds per step, if built
+
+
+def cheap_interpret_config(seed: int, steps: int, **overrides) -> InterpretConfig:
+    """Interpret settings that take seconds (one SAE seed, 100 permutations, both controls, few
+    ablation draws and attribution examples): quick bundles and retraining jobs."""
+    from models.interpret.pipeline import InterpretConfig
+
+    kw = {
+        "seed": seed,
+        "steps": steps,
+        "sae_batch_size": 512,
+        "n_seeds": 1,
+        "n_perm": 100,
+        "ablation_draws": 5,
+        "ablation_top": 0,
+        "attribution_examples": 8,
+        "ig_steps": 4,
+        "window_stride": 4,
+    }
+    return InterpretConfig(**(kw | overrides))
 
 
 def default_interpret_config(seed: int = 0) -> InterpretConfig:

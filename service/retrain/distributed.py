@@ -60,14 +60,20 @@ def _fit(
 ) -> tuple[dict | None, list[dict]]:
     """Train; returns (best state dict as torch tensors on rank 0 else None, epoch log)."""
     import torch
-    import torch.nn.functional as F
 
     from models.decoder.config import DecoderConfig, TrainConfig
     from models.decoder.model import Decoder
     from models.decoder.tokenizers import tokenizer_for
     from models.decoder.vocab import Vocab
     from models.decoder.windows import SessionData
-    from models.train import evaluate_split, lr_factor, make_train_batch, sample_training_windows
+    from models.train import (
+        evaluate_split,
+        lr_factor,
+        make_optimizer,
+        make_train_batch,
+        multitask_loss,
+        sample_training_windows,
+    )
 
     torch.set_num_threads(1)
     tcfg = TrainConfig.model_validate(payload["train"])
@@ -90,20 +96,7 @@ def _fit(
     has_val = sum(len(v) for v in val_tr) > 0
 
     net = ddp_wrap(model) if ddp_wrap is not None and world > 1 else model
-    decay, no_decay, vocab_emb = [], [], []
-    for name, p in model.named_parameters():
-        if name in ("unit_emb.weight", "session_emb.weight"):
-            vocab_emb.append(p)
-        else:
-            (no_decay if p.ndim < 2 or "emb" in name else decay).append(p)
-    opt = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": tcfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0},
-            {"params": vocab_emb, "weight_decay": 0, "lr": tcfg.lr * tcfg.emb_lr_mult},
-        ],
-        lr=tcfg.lr,
-    )
+    opt = make_optimizer(model, tcfg)
     n_items = sum(len(t) for t in train_tr) * tcfg.windows_per_trial
     global_bs = tcfg.batch_size * world
     steps_per_epoch = max(1, math.ceil(n_items / global_bs))
@@ -128,15 +121,7 @@ def _fit(
             out = net(
                 *(batch[k] for k in ("values", "unit_index", "timestamps", "mask", "session_index"))
             )
-            loss = torch.zeros(())
-            for task, logits in out.items():
-                y = labels.get(task)
-                if y is None or not bool((y >= 0).any()):
-                    loss = loss + 0.0 * logits.sum()  # keep every rank's graph the same
-                    continue
-                loss = loss + weights.get(task, 1.0) * F.cross_entropy(
-                    logits, y, ignore_index=-1, label_smoothing=tcfg.label_smoothing
-                )
+            loss = multitask_loss(out, labels, weights, tcfg, every_head_in_graph=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -85,20 +85,9 @@ TEST_FRACTION = 0.2
 
 def retrain_interpret_config(seed: int, steps: int):
     """Cheap interpret settings for a job (one SAE seed, 100 permutations, both controls)."""
-    from models.interpret.pipeline import InterpretConfig
+    from service.home import cheap_interpret_config
 
-    return InterpretConfig(
-        seed=seed,
-        steps=steps,
-        sae_batch_size=512,
-        n_seeds=1,
-        n_perm=100,
-        ablation_draws=5,
-        ablation_top=0,
-        attribution_examples=8,
-        ig_steps=4,
-        window_stride=4,
-    )
+    return cheap_interpret_config(seed, steps)
 
 
 class _Steps:
