@@ -51,7 +51,7 @@ SERVICE_NAME = "cortexlens.v1.Decoder"
 ACTOR_PREFIX = "session:"
 TRIALS_FILE = "trials.jsonl"  # stimulus trials sent on a stream, beside its record
 PUSH_RETRIES = 20  # tries of one block while a session actor restarts (~0.1 s apart, growing)
-CLOSE_GRACE_S = 0.3  # wait before closing a record cleanly after the client's input ended
+CLOSE_GRACE_S = 1.0  # wait before closing a record cleanly after the client's input ended
 
 
 # -- messages between the ingress and the decoder deployment ---------------------------------------

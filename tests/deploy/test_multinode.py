@@ -318,6 +318,7 @@ def cluster():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "token")
         mp.setenv("RAY_AUTH_TOKEN", c.env["RAY_AUTH_TOKEN"])
+        _refresh_ray_auth()  # Ray caches the auth mode and token per process: re-read them
         try:
             yield c
         finally:
@@ -331,6 +332,17 @@ def cluster():
             import shutil
 
             shutil.rmtree(root, ignore_errors=True)
+    _refresh_ray_auth()  # back to this process's own settings for the tests that follow
+
+
+def _refresh_ray_auth() -> None:
+    """Make this process re-read RAY_AUTH_MODE / RAY_AUTH_TOKEN: Ray caches both when it is
+    first used, so a test process that already used Ray (another test module) would otherwise
+    connect to this cluster without its token."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def test_worker_node_lost_mid_stream_recovers(cluster, tmp_path):
