@@ -277,10 +277,11 @@ class SessionActor:
             "state": self.buf.state,
         }
 
-    def attach(self) -> int:
-        """A stream takes the session over (a resumed stream supersedes an older one)."""
+    def attach(self) -> tuple[int, str]:
+        """A stream takes the session over (a resumed stream supersedes an older one); returns
+        the new epoch and the session's state (not LIVE: the actor is ending, start afresh)."""
         self.epoch += 1
-        return self.epoch
+        return self.epoch, (self.buf.state if self.buf is not None else "LIVE")
 
     def _check(self, epoch: int) -> None:
         if self.epoch == 0:  # restarted: the first stream that comes back owns it again
@@ -525,35 +526,39 @@ class Ingress:
         log.exception("internal error")
         return "INTERNAL", f"internal error ({type(e).__name__}: {e}); please report it"
 
-    async def GetModel(self, request: pb.GetModelRequest, grpc_context=None) -> pb.ModelInfo:
+    async def _unary(self, ctx, empty, answer):
+        """Authenticate, run ``answer()`` and return its message; any failure becomes the call's
+        status (with ``empty`` as the message), never an exception in the replica."""
         try:
-            self._auth(grpc_context)
+            self._auth(ctx)
+            return await answer()
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status
+            code, msg = self._status_of(e)
+            _fail(ctx, code, msg)
+            return empty
+
+    async def GetModel(self, request: pb.GetModelRequest, grpc_context=None) -> pb.ModelInfo:
+        async def answer():
             info = await self.decoder.model_info.remote()
             self._check_model(request.model, info["ref"])
-        except Exception as e:  # noqa: BLE001
-            code, msg = self._status_of(e)
-            _fail(grpc_context, code, msg)
-            return pb.ModelInfo()
-        return wire.model_info_pb(info)
+            return wire.model_info_pb(info)
+
+        return await self._unary(grpc_context, pb.ModelInfo(), answer)
 
     async def ListUnits(
         self, request: pb.ListUnitsRequest, grpc_context=None
     ) -> pb.ListUnitsResponse:
-        try:
-            self._auth(grpc_context)
+        async def answer():
             ref, units = await self.decoder.units.remote(request.variable)
             self._check_model(request.model, ref)
-        except Exception as e:  # noqa: BLE001
-            code, msg = self._status_of(e)
-            _fail(grpc_context, code, msg)
-            return pb.ListUnitsResponse()
-        return wire.units_pb(ref, units)
+            return wire.units_pb(ref, units)
+
+        return await self._unary(grpc_context, pb.ListUnitsResponse(), answer)
 
     async def GetSession(
         self, request: pb.GetSessionRequest, grpc_context=None
     ) -> pb.SessionStatus:
-        try:
-            self._auth(grpc_context)
+        async def answer():
             sid = request.session_id
             d = session_dir(self.records, sid)
             try:
@@ -561,18 +566,12 @@ class Ingress:
             except ValueError:
                 actor = None
             if actor is not None:
-                st = await actor.status.remote()
-            elif (d / "meta.json").exists():
-                st = await asyncio.to_thread(record_status, d)
-            else:
-                raise IngestError(
-                    "NOT_FOUND", f"no live or recorded session {sid!r} on this server"
-                )
-        except Exception as e:  # noqa: BLE001
-            code, msg = self._status_of(e)
-            _fail(grpc_context, code, msg)
-            return pb.SessionStatus()
-        return wire.status_pb(st)
+                return wire.status_pb(await actor.status.remote())
+            if (d / "meta.json").exists():
+                return wire.status_pb(await asyncio.to_thread(record_status, d))
+            raise IngestError("NOT_FOUND", f"no live or recorded session {sid!r} on this server")
+
+        return await self._unary(grpc_context, pb.SessionStatus(), answer)
 
     # -- retraining control ------------------------------------------------------------------------
     def _retrainer(self):
@@ -582,13 +581,11 @@ class Ingress:
             self._retrain_actor = retrainer_actor(self.s.model_dump(mode="json"))
         return self._retrain_actor
 
-    async def _job_call(self, method: str, name: str, *args):
-        """Call the retraining actor; every failure becomes a status on the call."""
+    async def _job_call(self, name: str, *args):
         return await getattr(self._retrainer(), name).remote(*args)
 
     async def StartJob(self, request: pb.StartJobRequest, grpc_context=None) -> pb.Job:
-        try:
-            self._auth(grpc_context)
+        async def answer():
             req = {
                 "kind": request.kind,
                 "session_ids": list(request.session_ids),
@@ -600,49 +597,35 @@ class Ingress:
                     request.min_accuracy_delta if request.HasField("min_accuracy_delta") else None
                 ),
             }
-            job = await self._job_call("StartJob", "start", req)
-        except Exception as e:  # noqa: BLE001
-            code, msg = self._status_of(e)
-            _fail(grpc_context, code, msg)
-            return pb.Job()
-        return wire.job_pb(job)
+            return wire.job_pb(await self._job_call("start", req))
+
+        return await self._unary(grpc_context, pb.Job(), answer)
 
     async def GetJob(self, request: pb.JobRef, grpc_context=None) -> pb.Job:
-        try:
-            self._auth(grpc_context)
-            job = await self._job_call("GetJob", "get", request.job_id)
-        except Exception as e:  # noqa: BLE001
-            code, msg = self._status_of(e)
-            _fail(grpc_context, code, msg)
-            return pb.Job()
-        return wire.job_pb(job)
+        async def answer():
+            return wire.job_pb(await self._job_call("get", request.job_id))
+
+        return await self._unary(grpc_context, pb.Job(), answer)
 
     async def CancelJob(self, request: pb.JobRef, grpc_context=None) -> pb.Job:
-        try:
-            self._auth(grpc_context)
-            job = await self._job_call("CancelJob", "cancel", request.job_id)
-        except Exception as e:  # noqa: BLE001
-            code, msg = self._status_of(e)
-            _fail(grpc_context, code, msg)
-            return pb.Job()
-        return wire.job_pb(job)
+        async def answer():
+            return wire.job_pb(await self._job_call("cancel", request.job_id))
+
+        return await self._unary(grpc_context, pb.Job(), answer)
 
     async def ListJobs(self, request: pb.ListJobsRequest, grpc_context=None):
-        try:
-            self._auth(grpc_context)
-            jobs = await self._job_call("ListJobs", "list")
-        except Exception as e:  # noqa: BLE001
-            code, msg = self._status_of(e)
-            _fail(grpc_context, code, msg)
-            return pb.ListJobsResponse()
-        return pb.ListJobsResponse(jobs=[wire.job_pb(j) for j in jobs])
+        async def answer():
+            jobs = await self._job_call("list")
+            return pb.ListJobsResponse(jobs=[wire.job_pb(j) for j in jobs])
+
+        return await self._unary(grpc_context, pb.ListJobsResponse(), answer)
 
     async def WatchJob(self, request: pb.JobRef, grpc_context=None):
         try:
             self._auth(grpc_context)
             last = None
             while True:
-                job = await self._job_call("WatchJob", "get", request.job_id)
+                job = await self._job_call("get", request.job_id)
                 key = (job.get("state"), job.get("progress"), job.get("message"))
                 if key != last:
                     last = key
@@ -657,14 +640,11 @@ class Ingress:
             _abort(grpc_context, code, msg)
 
     async def Rollback(self, request: pb.RollbackRequest, grpc_context=None) -> pb.ModelRef:
-        try:
-            self._auth(grpc_context)
-            version = await self._job_call("Rollback", "rollback", request.model, request.version)
-        except Exception as e:  # noqa: BLE001
-            code, msg = self._status_of(e)
-            _fail(grpc_context, code, msg)
-            return pb.ModelRef()
-        return pb.ModelRef(name=request.model or self.s.model, version=version)
+        async def answer():
+            version = await self._job_call("rollback", request.model, request.version)
+            return pb.ModelRef(name=request.model or self.s.model, version=version)
+
+        return await self._unary(grpc_context, pb.ModelRef(), answer)
 
     # -- health -----------------------------------------------------------------------------------
     async def _health(self, service: str) -> int:
@@ -812,6 +792,14 @@ class Ingress:
                 f"session {op.session_id!r} is live on another stream; reconnect with "
                 "resume=true to take it over, or use a new session id",
             )
+        epoch = 0
+        if existing is not None:
+            epoch, state = await existing.attach.remote()
+            if state != "LIVE":
+                # its stream just ended (record released, the actor is on its way out): wait
+                # for it to go, then continue the session from its record in a new actor
+                await self._wait_gone(name, existing)
+                existing, epoch = None, 0
         if existing is not None:
             actor = existing
         else:
@@ -837,7 +825,7 @@ class Ingress:
                 raise
         hello = await actor.hello.remote()
         st.actor = actor
-        st.epoch = await actor.attach.remote()
+        st.epoch = epoch or (await actor.attach.remote())[0]
         st.session_id = op.session_id
         st.units_key = key
         st.top_m = int(op.top_m) or self.s.top_m
@@ -875,6 +863,24 @@ class Ingress:
                     )
                 )
             )
+
+    async def _wait_gone(self, name: str, actor, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                return
+            await asyncio.sleep(0.05)
+        ray.kill(actor, no_restart=True)  # released but never ended: end it here
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                return
+            await asyncio.sleep(0.05)
+        raise IngestError("UNAVAILABLE", f"{name} is still ending; reconnect with resume=true")
 
     async def _read_stream(self, request_stream, out: asyncio.Queue, st: _StreamState) -> None:
         try:
