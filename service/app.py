@@ -865,22 +865,21 @@ class Ingress:
             )
 
     async def _wait_gone(self, name: str, actor, timeout_s: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                ray.get_actor(name, namespace=NAMESPACE)
-            except ValueError:
-                return
-            await asyncio.sleep(0.05)
+        async def gone() -> bool:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                try:
+                    ray.get_actor(name, namespace=NAMESPACE)
+                except ValueError:
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+
+        if await gone():
+            return
         ray.kill(actor, no_restart=True)  # released but never ended: end it here
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                ray.get_actor(name, namespace=NAMESPACE)
-            except ValueError:
-                return
-            await asyncio.sleep(0.05)
-        raise IngestError("UNAVAILABLE", f"{name} is still ending; reconnect with resume=true")
+        if not await gone():
+            raise IngestError("UNAVAILABLE", f"{name} is still ending; reconnect with resume=true")
 
     async def _read_stream(self, request_stream, out: asyncio.Queue, st: _StreamState) -> None:
         try:
