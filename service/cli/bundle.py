@@ -7,14 +7,14 @@ refused by an operation), printed as one ``error:`` line.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
+
+from service.cli.errors import exits_on
 
 bundle_app = typer.Typer(help="Check and inspect model bundles.", no_args_is_help=True)
 registry_app = typer.Typer(
@@ -22,27 +22,7 @@ registry_app = typer.Typer(
     no_args_is_help=True,
 )
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _user_errors(fn: F) -> F:
-    """BundleError/RegistryError -> one 'error:' line on stderr and exit status 2.
-
-    Uses SystemExit (not typer.Exit): `service.cli.main` runs the app with standalone_mode=False,
-    where click turns typer.Exit into a return value that would be lost.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from models.bundle import BundleError
-
-        try:
-            return fn(*args, **kwargs)
-        except BundleError as e:
-            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-            sys.exit(2)
-
-    return wrapper  # type: ignore[return-value]
+_user_errors = exits_on("models.bundle:BundleError")
 
 
 def _short(sha: str | None) -> str:

@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from service.cli.errors import exits_on
+
 record_app = typer.Typer(help="Durable records of streamed sessions.", no_args_is_help=True)
 
 
@@ -33,20 +35,7 @@ def _resolve(record: str, home: Path | None) -> Path:
     sys.exit(2)
 
 
-def _ingest_errors(fn):
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        from service.ingest import IngestError
-
-        try:
-            return fn(*a, **kw)
-        except IngestError as e:
-            typer.secho(f"error: {e.code}: {e.message}", fg=typer.colors.RED, err=True)
-            sys.exit(2)
-
-    return wrapper
+_ingest_errors = exits_on("service.ingest:IngestError", message=lambda e: f"{e.code}: {e.message}")
 
 
 @record_app.command("status")

@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from service.cli.errors import exits_on
+
 retrain_app = typer.Typer(
     help="Retraining jobs (adapt, sae_refit, finetune) on recorded sessions.",
     no_args_is_help=True,
@@ -27,20 +29,9 @@ def _client(target: str, token: str | None):
     return Client(target, token=token, timeout_s=30)
 
 
-def _errors(fn):
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        from service.client import CortexlensError
-
-        try:
-            return fn(*a, **kw)
-        except CortexlensError as e:
-            typer.secho(f"error: {e.code.name}: {e.details}", fg=typer.colors.RED, err=True)
-            sys.exit(1)
-
-    return wrapper
+_errors = exits_on(
+    "service.client:CortexlensError", status=1, message=lambda e: f"{e.code.name}: {e.details}"
+)
 
 
 def job_line(j) -> str:
