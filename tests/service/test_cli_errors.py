@@ -29,3 +29,14 @@ def test_other_errors_pass_through():
 
     with pytest.raises(KeyError):
         boom()
+
+
+def test_bad_parameter_inside_a_command_is_one_usage_error_not_a_traceback(tmp_path, capsys):
+    from service.cli import main
+
+    with pytest.raises(SystemExit) as ex:
+        main(["serve", "--bundle", str(tmp_path)])  # not a bundle: typer.BadParameter
+    assert ex.value.code == 2
+    err = capsys.readouterr().err
+    assert "Invalid value" in err and "not a bundle directory" in err
+    assert "Traceback" not in err
