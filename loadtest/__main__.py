@@ -8,6 +8,9 @@
     python -m loadtest sweep --out loadtest/report/
     python -m loadtest sweep --out /tmp/r --quick          # a small grid, a few minutes
 
+    # a soak: N sessions streaming for M minutes; per-minute latency, RSS of Ray, drift
+    python -m loadtest soak --minutes 10 --sessions 4 --cells 128 --rate 30 --json soak.json
+
 A point's JSON holds, for each of ``service``, ``bare_grpc``, ``onnx_floor`` and
 ``torch_eager``: ``p50_ms``, ``p90_ms``, ``p99_ms``, ``p999_ms``, ``frames_sent``,
 ``frames_answered``, ``frames_dropped`` (and more: late frames, the server's timings, send lag),
@@ -395,6 +398,10 @@ def main(argv: list[str] | None = None):
         return run_sweep(argv[1:])
     if argv and argv[0] == "report":
         return run_report(argv[1:])
+    if argv and argv[0] == "soak":
+        from loadtest import soak
+
+        return soak.run(argv[1:], log=_log)
     return run_point(argv)
 
 

@@ -52,6 +52,7 @@ ACTOR_PREFIX = "session:"
 TRIALS_FILE = "trials.jsonl"  # stimulus trials sent on a stream, beside its record
 PUSH_RETRIES = 20  # tries of one block while a session actor restarts (~0.1 s apart, growing)
 CLOSE_GRACE_S = 1.0  # wait before closing a record cleanly after the client's input ended
+DECODE_RETRY_S = 30.0  # how long one decode waits through the death of a decoder replica
 
 
 # -- messages between the ingress and the decoder deployment ---------------------------------------
@@ -386,6 +387,24 @@ class SessionActor:
 SessionActorRemote = ray.remote(SessionActor)
 
 
+async def _decode(decoder: DeploymentHandle, job: DecodeJob) -> DecodeOut:
+    """Decode one window, waiting through the death of the decoder replica that had it (Serve
+    starts another one; until it is up the handle's calls fail with `RayActorError`). A decode
+    is a pure function of the window, so running it again is safe. Gives up (the error becomes
+    UNAVAILABLE) after `DECODE_RETRY_S`."""
+    deadline = time.monotonic() + DECODE_RETRY_S
+    delay = 0.05
+    while True:
+        try:
+            return await decoder.decode.remote(job)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("decoder replica lost during a decode; retrying in %.2f s", delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
 def _actor_name(session_id: str) -> str:
     return ACTOR_PREFIX + session_id
 
@@ -435,6 +454,8 @@ class Ingress:
         self.metrics = Metrics()
         self.metrics_port = self.metrics.serve(self.s.metrics_port, self.s.metrics_host)
         self.token = self.s.bearer_token()
+        self._token_bytes = self.token.encode()
+        self.quotas = self.s.quotas
         self.live: dict[str, int] = {}  # session id -> epoch, streams of this replica
         self.records = self.s.records_dir()
         self.records.mkdir(parents=True, exist_ok=True)
@@ -443,14 +464,33 @@ class Ingress:
 
     # -- helpers ----------------------------------------------------------------------------------
     def _auth(self, ctx) -> None:
+        """Every cortexlens.v1 RPC (Decoder and Retraining) calls this first; with a token set,
+        a call without metadata ``authorization: Bearer <token>`` (scheme case-insensitive) or
+        with another token gets UNAUTHENTICATED. Compared in constant time. grpc.health.v1
+        (Check, Watch) does not call it: probes carry no token (docs/operations.md)."""
         if not self.token:
             return
-        md = dict(ctx.invocation_metadata()) if ctx is not None else {}
-        got = md.get("authorization", "")
-        if got != f"Bearer {self.token}":
+        import hmac
+
+        got = ""
+        for k, v in ctx.invocation_metadata() if ctx is not None else ():
+            if k.lower() == "authorization":
+                got = v.decode("latin-1") if isinstance(v, bytes) else str(v)
+                break
+        scheme, _, tok = got.strip().partition(" ")
+        if not got or scheme.lower() != "bearer" or not tok.strip():
+            self.metrics.auth_refusals.labels("missing").inc()
             raise _Abort(
                 "UNAUTHENTICATED",
-                "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'",
+                "missing bearer token: this server requires metadata 'authorization: Bearer "
+                "<token>' on every call (Client(token=...), --token)",
+            )
+        if not hmac.compare_digest(tok.strip().encode(), self._token_bytes):
+            self.metrics.auth_refusals.labels("wrong").inc()
+            raise _Abort(
+                "UNAUTHENTICATED",
+                "wrong bearer token: the token in metadata 'authorization: Bearer <token>' is "
+                "not this server's; check the token you were given",
             )
 
     def _check_model(self, name: str, ref: ModelRef) -> None:
@@ -491,7 +531,7 @@ class Ingress:
             key = wire.units_key(ids)
             top_m = int(request.top_m) or self.s.top_m
             job = DecodeJob(sid, key, values, ts, float(ts[-1]), top_m, request.model)
-            out: DecodeOut = await self.decoder.decode.remote(job)
+            out: DecodeOut = await _decode(self.decoder, job)
         except Exception as e:  # noqa: BLE001 - every failure becomes a status
             code, msg = self._status_of(e)
             self._count("Decode", code)
@@ -833,6 +873,22 @@ class Ingress:
         st.decodable = info.decodable
         st.max_inflight = ing.max_pending_decodes
         st.frame_rate_hz = rate
+        # per-session quotas (checked in _push/_trials without further Ray calls)
+        q = self.quotas
+        st.rate_fill = q.max_rate_factor * rate
+        st.rate_cap = max(st.rate_fill * q.rate_burst_s, float(ing.max_block_frames))
+        st.tokens, st.t_tokens = st.rate_cap, time.perf_counter()
+        st.frame_bytes = 4 * len(ids)
+        st.record_frames = int((hello.get("status") or {}).get("frames_recorded", 0))
+        if op.resume and q.max_trials:  # the trials the session holds already (as the actor)
+            tf = d / TRIALS_FILE
+
+            def held() -> int:
+                if not tf.exists():
+                    return 0
+                return sum(1 for x in tf.read_text().splitlines() if x.strip())
+
+            st.trials = await asyncio.to_thread(held)
         self.live[op.session_id] = st.epoch
         self.metrics.active_sessions.set(len(self.live))
         await out.put(
@@ -907,7 +963,18 @@ class Ingress:
                 await self._push(req.frames, st, out)
             cancelled = getattr(request_stream, "is_cancelled", None)
             if cancelled is not None and cancelled():
-                st.cancelled = True  # the client vanished: no clean close, the session is resumable
+                # The input broke off without a half-close: the client vanished, or Serve's proxy
+                # could not parse a message (it then ends the input as if cancelled and logs
+                # "Error receiving gRPC message"). No clean close: the session stays resumable.
+                # The status only reaches a client that is still there, i.e. one that sent bytes
+                # that are not a StreamRequest; without it the call would end with OK.
+                st.cancelled = True
+                st.error = (
+                    "INVALID_ARGUMENT",
+                    "the stream's input broke off: a message could not be read as a "
+                    "cortexlens.v1.StreamRequest (malformed bytes?); the session is left "
+                    "INTERRUPTED, reconnect with resume=true",
+                )
             elif st.actor is not None:
                 await self._finish(st, out)
         except asyncio.CancelledError:
@@ -932,8 +999,37 @@ class Ingress:
                 delay = min(delay * 1.5, 1.0)
         raise AssertionError("unreachable")
 
+    def _quota_frames(self, st: _StreamState, n: int) -> None:
+        """Per-session quotas on a block of ``n`` frames (a few float operations per block):
+        the frame-rate ceiling (token bucket) and the size of the durable record."""
+        q = self.quotas
+        if st.rate_fill > 0:
+            now = time.perf_counter()
+            st.tokens = min(st.rate_cap, st.tokens + (now - st.t_tokens) * st.rate_fill)
+            st.t_tokens = now
+            if n > st.tokens:
+                self.metrics.quota_refusals.labels("frame_rate").inc()
+                raise IngestError(
+                    "RESOURCE_EXHAUSTED",
+                    f"session {st.session_id!r} sends frames far faster than the "
+                    f"{st.frame_rate_hz:g} Hz it declared: more than {q.max_rate_factor:g}x that "
+                    f"rate after a burst of {st.rate_cap:.0f} frames (quotas.max_rate_factor, "
+                    "rate_burst_s); pace the stream (or declare its real frame_rate_hz) and "
+                    "reconnect with resume=true",
+                )
+            st.tokens -= n
+        if q.max_record_bytes and (st.record_frames + n) * st.frame_bytes > q.max_record_bytes:
+            self.metrics.quota_refusals.labels("record_bytes").inc()
+            raise IngestError(
+                "RESOURCE_EXHAUSTED",
+                f"session {st.session_id!r} would exceed its record quota: {st.record_frames} "
+                f"frames recorded + {n} x {st.frame_bytes} bytes > {q.max_record_bytes} bytes "
+                "(quotas.max_record_bytes); close this session and continue in a new session id",
+            )
+
     async def _push(self, fr: pb.Frames, st: _StreamState, out: asyncio.Queue) -> None:
         b = fr.block
+        self._quota_frames(st, max(0, int(b.n_frames)))
         if st.decodable and st.inflight >= st.max_inflight:
             # backpressure: hold this block (and so the client) until a decode finishes, for up
             # to two frame periods; past that the session buffer coalesces pending decodes, so
@@ -961,6 +1057,7 @@ class Ingress:
             list(b.timestamps),
             free,
         )
+        st.record_frames += int(r["accepted"])
         m = self.metrics
         m.frames_received.inc(int(b.n_frames))
         if r["duplicates"]:
@@ -984,6 +1081,14 @@ class Ingress:
     async def _trials(self, msg: pb.Trials, st: _StreamState) -> None:
         if len(msg.trials) > 100_000:
             raise IngestError("RESOURCE_EXHAUSTED", "more than 100000 trials in one message")
+        q = self.quotas.max_trials
+        if q and st.trials + len(msg.trials) > q:
+            self.metrics.quota_refusals.labels("trials").inc()
+            raise IngestError(
+                "RESOURCE_EXHAUSTED",
+                f"session {st.session_id!r} would hold {st.trials + len(msg.trials)} trials, above "
+                f"its quota of {q} (quotas.max_trials); continue in a new session id",
+            )
         rows = [
             {
                 "start": t.start,
@@ -993,7 +1098,7 @@ class Ingress:
             }
             for t in msg.trials
         ]
-        await self._call_actor(st, "add_trials", st.epoch, rows)
+        st.trials, _ = await self._call_actor(st, "add_trials", st.epoch, rows)
 
     def _schedule(self, st: _StreamState, d: tuple, t_in: float) -> asyncio.Task:
         frame_index, timestamp, values, frame_times, _ = d
@@ -1004,7 +1109,7 @@ class Ingress:
 
         async def run() -> pb.StreamResponse:
             try:
-                o: DecodeOut = await self.decoder.decode.remote(job)
+                o: DecodeOut = await _decode(self.decoder, job)
             finally:
                 st.inflight -= 1
                 st.freed.set()
@@ -1074,6 +1179,14 @@ class Ingress:
 
 class _StreamState:
     def __init__(self) -> None:
+        # quotas: token bucket of the frame-rate ceiling (frames), record size, trials
+        self.rate_fill = 0.0  # frames/s added to the bucket (0 = no ceiling)
+        self.rate_cap = 0.0
+        self.tokens = 0.0
+        self.t_tokens = 0.0
+        self.frame_bytes = 0  # record bytes per frame (4 x cells)
+        self.record_frames = 0  # frames in the session's durable record
+        self.trials = 0  # trials the session holds
         self.actor = None
         self.epoch = 0
         self.session_id = ""

@@ -54,6 +54,7 @@ __all__ = [
     "StreamStats",
     "explanation_text",
     "pack_frames",
+    "retriable",
 ]
 
 DEFAULT_TARGET = "127.0.0.1:9000"
@@ -192,6 +193,10 @@ class StreamStats:
     closed: pb.SessionStatus | None = None
     elapsed_s: float = 0.0
     error: str | None = None
+    #: times the stream reconnected (``reconnect``) and resumed after a retriable failure
+    reconnects: int = 0
+    #: the failures it retried after ("CODE: details"), every attempt of every outage
+    reconnect_errors: list[str] = field(default_factory=list)
 
     @property
     def latencies_ms(self) -> np.ndarray:
@@ -222,6 +227,7 @@ class StreamStats:
                 round(self.frames_sent / self.elapsed_s, 3) if self.elapsed_s > 0 else None
             ),
             "error": self.error,
+            "reconnects": self.reconnects,
         }
         if self.accepted is not None:
             a = self.accepted
@@ -278,8 +284,13 @@ class SessionStream:
         accept_timeout_s: float,
         wait_for_ready: bool,
         trials: np.ndarray | None = None,
+        reconnect: int = 0,
+        reconnect_timeout_s: float = 120.0,
     ) -> None:
         self._stub = stub
+        self._reconnect = max(0, int(reconnect))
+        self._reconnect_timeout_s = float(reconnect_timeout_s)
+        self._attempt = 0  # bumped per reconnection: an older call's sender stops
         # [K, 4] start, end, direction, temporal_frequency: each is sent once its end is streamed
         self._trials = np.zeros((0, 4)) if trials is None else np.asarray(trials, dtype=np.float64)
         self._open = open_msg
@@ -363,29 +374,75 @@ class SessionStream:
             raise RuntimeError("a SessionStream can be iterated only once")
         self._started = True
         self._t_start = time.perf_counter()
-        self._gen = self._requests()
+        give_up_at: float | None = None  # in an outage: reconnect until then
+        outages = 0
+        delay = 0.25
         try:
-            self._call = self._stub.StreamSession(
-                self._gen,
-                metadata=self._md,
-                timeout=self._deadline_s,
-                wait_for_ready=self._wait_for_ready,
-            )
-            for resp in self._call:
-                item = self._on_response(resp)
-                if item is not None:
-                    yield item
-        except grpc.RpcError as e:
-            if self._stop.is_set() and e.code() == grpc.StatusCode.CANCELLED:
-                return  # cancelled by us (cancel() or close()): a normal end
-            if self._sender_error is not None:
-                self._stats.error = repr(self._sender_error)
-                raise self._sender_error from e
-            err = CortexlensError.from_rpc(e, method="StreamSession")
-            self._stats.error = str(err)
-            raise err from e
+            while True:
+                self._gen = self._requests()
+                left = None
+                if self._deadline_s is not None:
+                    left = self._deadline_s - (time.perf_counter() - self._t_start)
+                try:
+                    self._call = self._stub.StreamSession(
+                        self._gen,
+                        metadata=self._md,
+                        timeout=left,
+                        # reconnecting: wait for the server to be reachable again
+                        wait_for_ready=self._wait_for_ready or self._attempt > 0,
+                    )
+                    for resp in self._call:
+                        if resp.WhichOneof("kind") == "accepted" and give_up_at is not None:
+                            self._stats.reconnects += 1  # through: a later failure starts over
+                            give_up_at, delay = None, 0.25
+                        item = self._on_response(resp)
+                        if item is not None:
+                            yield item
+                    return
+                except grpc.RpcError as e:
+                    if self._stop.is_set() and e.code() == grpc.StatusCode.CANCELLED:
+                        return  # cancelled by us (cancel() or close()): a normal end
+                    if self._sender_error is not None:
+                        self._stats.error = repr(self._sender_error)
+                        raise self._sender_error from e
+                    err = CortexlensError.from_rpc(e, method="StreamSession")
+                    now = time.monotonic()
+                    if give_up_at is None:  # a new outage
+                        outages += 1
+                        give_up_at = now + self._reconnect_timeout_s
+                    if (
+                        outages <= self._reconnect
+                        and retriable(err)
+                        and now + delay < give_up_at
+                        and not self._stop.is_set()
+                    ):
+                        self._stats.reconnect_errors.append(f"{err.code_name}: {err.details}")
+                        self._new_attempt()
+                        if self._stop.wait(delay):
+                            return
+                        delay = min(delay * 2, 5.0)
+                        continue
+                    self._stats.error = str(err)
+                    raise err from e
         finally:
             self._finish()
+
+    def _new_attempt(self) -> None:
+        """Forget the failed call; the next one resumes the session where the server has it."""
+        self._attempt += 1  # the old call's sender sees this and stops
+        call = self._call
+        if call is not None and call.is_active():
+            call.cancel()
+        if self._stats.accepted is not None or self._open.resume:
+            # the session was opened (or is resumed anyway): continue it from the server's
+            # next_frame_index (frames it recorded are not sent again)
+            op = pb.SessionOpen()
+            op.CopyFrom(self._open)
+            op.resume = True
+            self._open = op
+        self._stats.accepted = None
+        self._accepted_evt.clear()
+        self._sender_done.clear()
 
     # -- internals ----------------------------------------------------------------------------
     def _on_response(self, resp: pb.StreamResponse) -> StreamItem | None:
@@ -441,12 +498,17 @@ class SessionStream:
 
     def _requests(self) -> Iterator[pb.StreamRequest]:
         """Runs in gRPC's sending thread: the open message, then the frames, paced."""
+        mine = self._attempt
+
+        def stopped() -> bool:  # by the caller, or a reconnection replaced this call
+            return self._stop.is_set() or self._attempt != mine
+
         try:
             yield pb.StreamRequest(open=self._open)
             # Frames go after `accepted` (with resume it says where to start); a server that
             # only answers once frames arrive still gets them after accept_timeout_s.
             self._accepted_evt.wait(self._accept_timeout_s)
-            if self._stop.is_set():
+            if stopped():
                 return
             start = self._first
             acc = self._stats.accepted
@@ -462,7 +524,7 @@ class SessionStream:
                     wait = due - time.perf_counter()
                     if wait > 0 and self._stop.wait(wait):
                         return
-                if self._stop.is_set():
+                if stopped():
                     return
                 due_trials = self._trials[
                     (self._trials[:, 1] <= float(self._ts[j - 1])) & (self._trials[:, 1] > -np.inf)
@@ -480,7 +542,7 @@ class SessionStream:
                 self._stats.frames_sent += j - i
                 yield msg
                 i = j
-            if self._trials.size and not self._stop.is_set():  # trials ending after the last frame
+            if self._trials.size and not stopped():  # trials ending after the last frame
                 yield trials_message(self._trials)
                 self._trials = self._trials[:0]
         except GeneratorExit:
@@ -489,7 +551,32 @@ class SessionStream:
             self._sender_error = e
             raise
         finally:
-            self._sender_done.set()
+            if self._attempt == mine:
+                self._sender_done.set()
+
+
+def retriable(err: CortexlensError) -> bool:
+    """Whether a stream that failed with ``err`` may reconnect and resume (``reconnect``):
+
+    - UNAVAILABLE: the server or one of its parts is restarting or draining;
+    - INTERNAL from Serve's gRPC proxy when the ingress replica that held the stream died
+      ("The actor died unexpectedly ...", "actor unavailable": a replica killed, or stopped
+      after its graceful-shutdown timeout while the application was redeployed or deleted);
+    - NOT_FOUND from Serve's proxy while the application is not deployed (yet): "Application
+      ... not found ... ListApplications".
+
+    Anything else (a bad request, a refused session) is final."""
+    code, d = err.code, err.details.lower()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    if code == grpc.StatusCode.INTERNAL:
+        return any(
+            k in d
+            for k in ("actor died", "actor unavailable", "actordiederror", "actorunavailable")
+        )
+    if code == grpc.StatusCode.NOT_FOUND:
+        return "listapplications" in d and "application" in d
+    return False
 
 
 _EVENT_KINDS = set(pb.StreamEvent.Kind.values())
@@ -538,7 +625,13 @@ class Client:
         target: ``HOST:PORT`` of the server (Serve's gRPC proxy).
         token: bearer token, sent as ``authorization: Bearer <token>`` on every call.
         root_certificates: PEM bytes or a path; when given (or ``tls=True``) the channel uses
-            TLS (``tls=True`` without certificates uses the system's roots).
+            TLS (``tls=True`` without certificates uses the system's roots), e.g. against the
+            TLS front (`service.tls_front`).
+        server_name: the host name to check the server's certificate against, when it differs
+            from the target's host (e.g. a certificate for ``cortexlens.lab`` reached on an IP
+            address); sets ``grpc.ssl_target_name_override``.
+        client_cert, client_key: PEM bytes or paths of this client's certificate chain and key,
+            for a server that requires mutual TLS (``tls.client_ca``).
         timeout_s: deadline of every unary call.
         max_message_mb: maximum size of a sent or received message.
         metadata: extra metadata sent on every call (e.g. Serve's ``application`` routing key).
@@ -553,6 +646,9 @@ class Client:
         token: str | None = None,
         root_certificates: bytes | str | Path | None = None,
         tls: bool = False,
+        server_name: str | None = None,
+        client_cert: bytes | str | Path | None = None,
+        client_key: bytes | str | Path | None = None,
         timeout_s: float = 10.0,
         max_message_mb: float = 64.0,
         metadata: Mapping[str, str] | None = None,
@@ -569,8 +665,15 @@ class Client:
             *options,
         ]
         roots = _read_bytes(root_certificates)
-        if roots is not None or tls:
-            creds = grpc.ssl_channel_credentials(root_certificates=roots)
+        chain, pkey = _read_bytes(client_cert), _read_bytes(client_key)
+        if (chain is None) != (pkey is None):
+            raise ValueError("give both client_cert and client_key (mutual TLS), or neither")
+        if roots is not None or tls or chain is not None:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=roots, private_key=pkey, certificate_chain=chain
+            )
+            if server_name:
+                opts.append(("grpc.ssl_target_name_override", server_name))
             self._channel = grpc.secure_channel(target, creds, options=opts)
         else:
             self._channel = grpc.insecure_channel(target, options=opts)
@@ -745,6 +848,8 @@ class Client:
         deadline_s: float | None = None,
         accept_timeout_s: float | None = None,
         send_trials: bool = True,
+        reconnect: int = 0,
+        reconnect_timeout_s: float = 120.0,
     ) -> SessionStream:
         """Open a ``StreamSession`` for one recording session (starts when iterated).
 
@@ -759,6 +864,16 @@ class Client:
         (the labels retraining jobs learn from). ``deadline_s`` bounds
         the whole call (default none); frames wait up to ``accept_timeout_s`` (default: the
         client's ``timeout_s``) for the server's ``accepted``.
+
+        ``reconnect`` (default 0: off): after a failure that `retriable` accepts (the server
+        or a part of it restarting: UNAVAILABLE, a dead ingress replica's INTERNAL, the
+        application not deployed yet), open the stream again with ``resume=true`` and go on
+        from the server's ``next_frame_index``, through up to ``reconnect`` such outages: the
+        iteration just continues (a second ``accepted`` marks the reconnection;
+        ``stats().reconnects`` counts them). Within one outage, attempts wait for the channel
+        to be ready, with a growing pause (0.25 s to 5 s), for at most ``reconnect_timeout_s``.
+        Frames the server had not recorded when the call broke are sent again; predictions it
+        had not sent for recorded frames are not repeated (the durable record has every frame).
         """
         if recording is not None:
             traces = recording.traces if traces is None else traces
@@ -818,4 +933,6 @@ class Client:
             trials=_trial_rows(recording, first=int(start_frame), stop_at=int(stop_at), ts=ts)
             if send_trials and recording is not None
             else None,
+            reconnect=reconnect,
+            reconnect_timeout_s=reconnect_timeout_s,
         )

@@ -82,6 +82,19 @@ class Metrics:
             ["unit"],
             registry=r,
         )
+        self.quota_refusals = Counter(
+            "cortexlens_quota_refusals",
+            "Streams ended with RESOURCE_EXHAUSTED by a per-session quota, by quota "
+            "(frame_rate, record_bytes, trials).",
+            ["quota"],
+            registry=r,
+        )
+        self.auth_refusals = Counter(
+            "cortexlens_auth_refusals",
+            "RPCs refused with UNAUTHENTICATED (missing or wrong bearer token), by reason.",
+            ["reason"],
+            registry=r,
+        )
         self._version_key: tuple[str, str, str] | None = None
         self.port: int | None = None
 

@@ -21,6 +21,9 @@ from service.settings import APP_NAME, NAMESPACE, SERVE_CONFIG, ServiceSettings
 #: gRPC messages larger than this are refused by the proxy with RESOURCE_EXHAUSTED (bytes).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
+#: the TLS front started by `start` (``tls`` settings), stopped by `stop`
+_front = None
+
 
 def load_config(
     path: str | Path | None = None,
@@ -63,6 +66,67 @@ def settings_of(cfg: dict) -> ServiceSettings:
     return ServiceSettings.model_validate(app_config(cfg).get("args") or {})
 
 
+def tls_front():
+    """The running TLS front (`service.tls_front.TLSFront`: ``.address``, ``.port``) or None."""
+    return _front
+
+
+def _make_tls_front(cfg: dict):
+    """The TLS front of the config's ``tls`` settings, not started (None when they are off):
+    reads the PEM files and checks that the port can be bound, so that mistakes surface before
+    anything else starts."""
+    t = settings_of(cfg).tls
+    if not t.enabled:
+        return None
+    if _front is not None:
+        raise RuntimeError("a TLS front is already running in this process; server.stop() first")
+    import socket
+
+    from service.tls_front import TLSFront
+
+    upstream = t.upstream or f"127.0.0.1:{int((cfg.get('grpc_options') or {}).get('port', 9000))}"
+    front = TLSFront(
+        upstream,
+        cert=t.cert,
+        key=t.key,
+        client_ca=t.client_ca or None,
+        host=t.host,
+        port=t.port,
+        max_message_bytes=MAX_MESSAGE_BYTES,
+    )
+    if t.port:
+        fam = socket.AF_INET6 if ":" in t.host else socket.AF_INET
+        with socket.socket(fam) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((t.host, t.port))
+            except OSError as e:
+                raise OSError(
+                    f"cannot bind the TLS front on {t.host}:{t.port} ({e.strerror}); choose "
+                    "another tls port/host"
+                ) from None
+    return front
+
+
+def start_tls_front(cfg: dict):
+    """Start the TLS front of the config's ``tls`` settings (None when they are off): TLS on
+    ``tls.host:tls.port``, forwarded to the Serve gRPC proxy on loopback. `start` does this
+    once the application is RUNNING."""
+    global _front
+    front = _make_tls_front(cfg)
+    if front is not None:
+        front.start()
+        _front = front
+    return front
+
+
+def stop_tls_front() -> None:
+    global _front
+    f, _front = _front, None
+    if f is not None:
+        f.stop()
+
+
 def start(
     cfg: dict,
     *,
@@ -72,7 +136,20 @@ def start(
     log=print,
 ) -> None:
     """Start Ray (local unless ``address``), Serve with the config's proxies, and deploy the app;
-    returns when the application is RUNNING."""
+    returns when the application is RUNNING. With ``tls`` settings, the TLS front
+    (`service.tls_front`) then starts in this process: its files and port are checked before
+    Ray starts (mistakes fail fast), and it listens once the application is RUNNING (no gRPC
+    threads in this process while Ray forks its daemons; no client sees a half-started server
+    on the TLS port)."""
+    global _front
+    front = _make_tls_front(cfg)
+    _start(cfg, address=address, num_cpus=num_cpus, timeout_s=timeout_s, log=log)
+    if front is not None:
+        front.start()
+        _front = front
+
+
+def _start(cfg: dict, *, address, num_cpus, timeout_s, log) -> None:
     import ray
     from ray import serve
     from ray.serve.config import gRPCOptions
@@ -148,10 +225,12 @@ def set_model(cfg: dict, *, model: str = "", version: str = "", bundle: str = ""
 
 
 def stop() -> None:
-    """Shut Serve down, end live session actors, and disconnect from Ray."""
+    """Stop the TLS front (if any), shut Serve down, end live session actors, and disconnect
+    from Ray."""
     import ray
     from ray import serve
 
+    stop_tls_front()
     if not ray.is_initialized():
         return
     try:

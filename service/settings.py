@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from models.config import Config
 
@@ -27,6 +27,55 @@ class IngestSettings(Config):
     max_block_frames: int = Field(1024, ge=1)
     # fdatasync every block before it is acknowledged (False: the OS flushes; faster, less safe)
     record_sync: bool = True
+
+
+class TLSSettings(Config):
+    """The TLS front (`service.tls_front`): a TLS port in front of Serve's plaintext gRPC proxy,
+    started and stopped with the server by `service.server.start` / `stop` (not by a KubeRay
+    RayService: there, terminate TLS at the ingress or run the front as a sidecar). On when
+    ``cert`` and ``key`` are set."""
+
+    # PEM certificate chain and private key (paths on the machine that runs `cortexlens serve`)
+    cert: str = ""
+    key: str = ""
+    # PEM CA bundle: when set, clients must present a certificate signed by it (mutual TLS)
+    client_ca: str = ""
+    # where the TLS port listens (loopback by default: set 0.0.0.0 to serve the lab network)
+    host: str = "127.0.0.1"
+    port: int = Field(9443, ge=0, le=65535)  # 0 = any free port
+    # the plaintext Serve gRPC proxy to forward to ("" = 127.0.0.1:<grpc_options.port>)
+    upstream: str = ""
+
+    @model_validator(mode="after")
+    def _both(self) -> TLSSettings:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("tls: give both cert and key (PEM files), or neither")
+        if self.client_ca and not self.cert:
+            raise ValueError("tls: client_ca (mutual TLS) needs cert and key too")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert and self.key)
+
+
+class QuotaSettings(Config):
+    """Per-session limits of a stream, checked in the ingress (no extra Ray call per frame); a
+    stream past one ends with RESOURCE_EXHAUSTED (its session stays resumable) and the refusal
+    is counted in ``cortexlens_quota_refusals_total{quota}``. 0 turns a limit off."""
+
+    # frame-rate ceiling relative to the rate the session declared (SessionOpen.frame_rate_hz):
+    # over any interval of t seconds a stream may send at most
+    # max_rate_factor * frame_rate_hz * (t + rate_burst_s) frames (a token bucket). The default
+    # lets a recording be replayed up to 100x faster than real time (`--fast`) and refuses only
+    # a runaway client
+    max_rate_factor: float = Field(100.0, ge=0.0)
+    rate_burst_s: float = Field(10.0, gt=0.0)
+    # durable record per session: frames x cells x 4 bytes of dF/F (4 GiB: ~9 h of 1,000 cells
+    # at 30 Hz); a resumed session counts what it already holds
+    max_record_bytes: int = Field(4 * 1024**3, ge=0)
+    # stimulus trials per session (Trials messages; trials.jsonl)
+    max_trials: int = Field(100_000, ge=0)
 
 
 class ServiceSettings(Config):
@@ -58,10 +107,14 @@ class ServiceSettings(Config):
     metrics_port: int = Field(9100, ge=0)
     metrics_host: str = "127.0.0.1"
     # bearer token every RPC must carry (metadata "authorization: Bearer <token>"; "" = none);
-    # `token_env` names an environment variable to read it from instead
+    # `token_env` names an environment variable to read it from instead (in the ingress
+    # replica's environment; unset or empty there is an error, never "no token"). Health
+    # (grpc.health.v1) and server reflection stay open: probes carry no token (docs/operations.md)
     token: str = ""
     token_env: str = ""
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    quotas: QuotaSettings = Field(default_factory=QuotaSettings)
+    tls: TLSSettings = Field(default_factory=TLSSettings)
 
     def resolved_home(self) -> Path:
         if self.home:
@@ -80,5 +133,12 @@ class ServiceSettings(Config):
         import os
 
         if self.token_env:
-            return os.environ.get(self.token_env, "")
+            tok = os.environ.get(self.token_env, "")
+            if not tok:
+                raise ValueError(
+                    f"token_env names ${self.token_env}, which is unset or empty in this "
+                    "process; set it (the server refuses to run without the token it was told "
+                    "to require)"
+                )
+            return tok
         return self.token

@@ -37,12 +37,19 @@ def prepare(
     model: str | None,
     version: str | None,
     train: bool,
+    tls: dict | None = None,
+    token_env: str | None = None,
     log=typer.echo,
 ) -> dict:
-    """The Serve config to run, with the default model built first if the registry lacks it."""
+    """The Serve config to run, with the default model built first if the registry lacks it.
+    ``tls``: `service.settings.TLSSettings` fields to override (the TLS front)."""
     from service import server
 
     args: dict = {}
+    if tls:
+        args["tls"] = dict(tls)
+    if token_env:
+        args["token_env"] = token_env
     if home is not None:
         args["home"] = str(home)
     if bundle is not None:
@@ -55,8 +62,14 @@ def prepare(
         args["version"] = version
     if metrics_port is not None:
         args["metrics_port"] = metrics_port
+    # a ValidationError (e.g. --tls-cert without --tls-key) is one line from the CLI's main
     cfg = server.load_config(config, grpc_port=port, args=args)
     s = server.settings_of(cfg)
+    for what, f in (("--tls-cert", s.tls.cert), ("--tls-key", s.tls.key)):
+        if f and not Path(f).expanduser().is_file():
+            raise typer.BadParameter(f"{what} {f}: no such file")
+    if s.tls.client_ca and not Path(s.tls.client_ca).expanduser().is_file():
+        raise typer.BadParameter(f"--tls-client-ca {s.tls.client_ca}: no such file")
     if not s.bundle:
         from models.registry import Registry
 
@@ -97,9 +110,39 @@ def serve_cmd(
     train: Annotated[
         bool, typer.Option(help="Train the default model on first run if there is none.")
     ] = True,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(help="PEM certificate chain: serve TLS on --tls-port (a TLS front)."),
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="PEM CA bundle: require client certificates (mTLS).")
+    ] = None,
+    tls_port: Annotated[
+        int | None, typer.Option(help="TLS port (default: the config's tls.port, 9443).")
+    ] = None,
+    tls_host: Annotated[
+        str | None,
+        typer.Option(help="TLS address (default 127.0.0.1; 0.0.0.0 for the lab network)."),
+    ] = None,
+    token_env: Annotated[
+        str | None,
+        typer.Option(help="Require the bearer token held in this environment variable."),
+    ] = None,
 ) -> None:
     """Start the gRPC service (Ray Serve) and keep it running until Ctrl-C."""
     from service import server
+
+    tls: dict = {}
+    for k, v in (
+        ("cert", tls_cert),
+        ("key", tls_key),
+        ("client_ca", tls_client_ca),
+        ("port", tls_port),
+        ("host", tls_host),
+    ):
+        if v is not None:
+            tls[k] = str(v.expanduser().resolve()) if isinstance(v, Path) else v
 
     cfg = prepare(
         config=config,
@@ -110,22 +153,48 @@ def serve_cmd(
         model=model,
         version=version,
         train=train,
+        tls=tls,
+        token_env=token_env,
     )
     gport = cfg["grpc_options"]["port"]
     if address is None and not _port_free(gport):
         raise typer.BadParameter(f"port {gport} is in use; choose another with --port")
     s = server.settings_of(cfg)
+    if s.token_env and address is None:  # a local Ray's replicas inherit this environment
+        try:
+            s.bearer_token()
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
     typer.echo(f"starting Ray and Serve (config {config or server.SERVE_CONFIG}) ...")
     t0 = time.monotonic()
-    server.start(cfg, address=address)
+    try:
+        server.start(cfg, address=address)
+    except OSError as e:
+        if "TLS front" in str(e):
+            raise typer.BadParameter(str(e)) from None
+        raise
     typer.echo(
         f"cortexlens serving on 127.0.0.1:{gport} (gRPC: cortexlens.v1.Decoder, "
         f"grpc.health.v1.Health, reflection) in {time.monotonic() - t0:.0f} s"
     )
+    front = server.tls_front()
+    if front is not None:
+        typer.echo(
+            f"TLS on {front.address}{' (mutual TLS)' if front.mutual else ''} -> {front.upstream};"
+            f" the plaintext port {gport} stays open: firewall it (docs/operations.md, Security)"
+        )
+    if s.token or s.token_env:
+        typer.echo("bearer token required on every RPC (health and reflection stay open)")
     if s.metrics_port:
         typer.echo(f"metrics: http://127.0.0.1:{s.metrics_port}/metrics (or the next free port)")
     typer.echo(f"session records: {s.records_dir()}")
-    typer.echo(f"try: cortexlens stream RECORDING --target 127.0.0.1:{gport}   (Ctrl-C stops)")
+    if front is not None:
+        typer.echo(
+            f"try: cortexlens stream RECORDING --target {front.address} --tls-root-cert "
+            f"{s.tls.cert}   (Ctrl-C stops)"
+        )
+    else:
+        typer.echo(f"try: cortexlens stream RECORDING --target 127.0.0.1:{gport}   (Ctrl-C stops)")
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:
