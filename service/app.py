@@ -43,6 +43,7 @@ from service.engine import Decoded, Engine, ModelRef, WindowItem
 from service.ingest import IngestConfig, IngestError, SessionBuffer, record_status, session_dir
 from service.metrics import Metrics
 from service.protos_gen.cortexlens.v1 import cortexlens_pb2 as pb
+from service.servicers import Malformed
 from service.settings import NAMESPACE, ServiceSettings
 
 log = logging.getLogger("cortexlens.app")
@@ -405,6 +406,12 @@ async def _decode(decoder: DeploymentHandle, job: DecodeJob) -> DecodeOut:
             delay = min(delay * 2, 1.0)
 
 
+def _parsed(request) -> None:
+    """INVALID_ARGUMENT for a request whose bytes did not parse (`service.servicers`)."""
+    if isinstance(request, Malformed):
+        raise _Abort("INVALID_ARGUMENT", request.describe())
+
+
 def _actor_name(session_id: str) -> str:
     return ACTOR_PREFIX + session_id
 
@@ -525,6 +532,7 @@ class Ingress:
         t0 = time.perf_counter()
         try:
             self._auth(grpc_context)
+            _parsed(request)
             ids = wire.check_unit_ids(request.unit_ids, self.s.max_cells)
             values, ts = wire.window_from_block(request.window, len(ids), self.s.max_window_frames)
             sid = request.session_id or "unary"
@@ -566,11 +574,13 @@ class Ingress:
         log.exception("internal error")
         return "INTERNAL", f"internal error ({type(e).__name__}: {e}); please report it"
 
-    async def _unary(self, ctx, empty, answer):
-        """Authenticate, run ``answer()`` and return its message; any failure becomes the call's
-        status (with ``empty`` as the message), never an exception in the replica."""
+    async def _unary(self, ctx, request, empty, answer):
+        """Authenticate, check ``request`` parsed, run ``answer()`` and return its message; any
+        failure becomes the call's status (with ``empty`` as the message), never an exception in
+        the replica."""
         try:
             self._auth(ctx)
+            _parsed(request)
             return await answer()
         except Exception as e:  # noqa: BLE001 - every failure becomes a status
             code, msg = self._status_of(e)
@@ -583,7 +593,7 @@ class Ingress:
             self._check_model(request.model, info["ref"])
             return wire.model_info_pb(info)
 
-        return await self._unary(grpc_context, pb.ModelInfo(), answer)
+        return await self._unary(grpc_context, request, pb.ModelInfo(), answer)
 
     async def ListUnits(
         self, request: pb.ListUnitsRequest, grpc_context=None
@@ -593,7 +603,7 @@ class Ingress:
             self._check_model(request.model, ref)
             return wire.units_pb(ref, units)
 
-        return await self._unary(grpc_context, pb.ListUnitsResponse(), answer)
+        return await self._unary(grpc_context, request, pb.ListUnitsResponse(), answer)
 
     async def GetSession(
         self, request: pb.GetSessionRequest, grpc_context=None
@@ -611,7 +621,7 @@ class Ingress:
                 return wire.status_pb(await asyncio.to_thread(record_status, d))
             raise IngestError("NOT_FOUND", f"no live or recorded session {sid!r} on this server")
 
-        return await self._unary(grpc_context, pb.SessionStatus(), answer)
+        return await self._unary(grpc_context, request, pb.SessionStatus(), answer)
 
     # -- retraining control ------------------------------------------------------------------------
     def _retrainer(self):
@@ -639,30 +649,31 @@ class Ingress:
             }
             return wire.job_pb(await self._job_call("start", req))
 
-        return await self._unary(grpc_context, pb.Job(), answer)
+        return await self._unary(grpc_context, request, pb.Job(), answer)
 
     async def GetJob(self, request: pb.JobRef, grpc_context=None) -> pb.Job:
         async def answer():
             return wire.job_pb(await self._job_call("get", request.job_id))
 
-        return await self._unary(grpc_context, pb.Job(), answer)
+        return await self._unary(grpc_context, request, pb.Job(), answer)
 
     async def CancelJob(self, request: pb.JobRef, grpc_context=None) -> pb.Job:
         async def answer():
             return wire.job_pb(await self._job_call("cancel", request.job_id))
 
-        return await self._unary(grpc_context, pb.Job(), answer)
+        return await self._unary(grpc_context, request, pb.Job(), answer)
 
     async def ListJobs(self, request: pb.ListJobsRequest, grpc_context=None):
         async def answer():
             jobs = await self._job_call("list")
             return pb.ListJobsResponse(jobs=[wire.job_pb(j) for j in jobs])
 
-        return await self._unary(grpc_context, pb.ListJobsResponse(), answer)
+        return await self._unary(grpc_context, request, pb.ListJobsResponse(), answer)
 
     async def WatchJob(self, request: pb.JobRef, grpc_context=None):
         try:
             self._auth(grpc_context)
+            _parsed(request)
             last = None
             while True:
                 job = await self._job_call("get", request.job_id)
@@ -684,7 +695,7 @@ class Ingress:
             version = await self._job_call("rollback", request.model, request.version)
             return pb.ModelRef(name=request.model or self.s.model, version=version)
 
-        return await self._unary(grpc_context, pb.ModelRef(), answer)
+        return await self._unary(grpc_context, request, pb.ModelRef(), answer)
 
     # -- health -----------------------------------------------------------------------------------
     async def _health(self, service: str) -> int:
@@ -700,6 +711,7 @@ class Ingress:
 
     async def Check(self, request, grpc_context=None):
         try:
+            _parsed(request)
             st = await self._health(request.service)
         except _Abort as e:
             _fail(grpc_context, e.code, e.message)
@@ -709,6 +721,7 @@ class Ingress:
     async def Watch(self, request, grpc_context=None):
         last = None
         try:
+            _parsed(request)
             while True:
                 st = await self._health(request.service)
                 if st != last:
@@ -941,6 +954,8 @@ class Ingress:
         try:
             first = True
             async for req in request_stream:
+                if isinstance(req, Malformed):
+                    raise IngestError("INVALID_ARGUMENT", req.describe())
                 if first:
                     first = False
                     if req.WhichOneof("kind") != "open":
@@ -963,16 +978,14 @@ class Ingress:
                 await self._push(req.frames, st, out)
             cancelled = getattr(request_stream, "is_cancelled", None)
             if cancelled is not None and cancelled():
-                # The input broke off without a half-close: the client vanished, or Serve's proxy
-                # could not parse a message (it then ends the input as if cancelled and logs
-                # "Error receiving gRPC message"). No clean close: the session stays resumable.
-                # The status only reaches a client that is still there, i.e. one that sent bytes
-                # that are not a StreamRequest; without it the call would end with OK.
+                # The input broke off without a half-close: the client vanished (or the proxy
+                # could not receive a message). No clean close: the session stays resumable.
+                # Bytes that do not parse arrive as `Malformed` (INVALID_ARGUMENT above); the
+                # status here reaches only a client that is still there, instead of OK.
                 st.cancelled = True
                 st.error = (
-                    "INVALID_ARGUMENT",
-                    "the stream's input broke off: a message could not be read as a "
-                    "cortexlens.v1.StreamRequest (malformed bytes?); the session is left "
+                    "CANCELLED",
+                    "the stream's input broke off without a half-close; the session is left "
                     "INTERRUPTED, reconnect with resume=true",
                 )
             elif st.actor is not None:

@@ -21,17 +21,12 @@ Property: every call ends within its deadline with a status from the method's ac
 health check says SERVING. At the end a known-good ``Decode`` and a known-good stream work, and
 the bystander stream that ran through all the fuzzing got every frame predicted and recorded.
 
-One documented exception, from Serve's gRPC proxy and not from our code: bytes that do not parse
-as the request message of a *unary* (or server-streaming) method are refused by the proxy's
-``grpc.aio`` server before any replica sees them. The proxy registers the generated method
-handlers with their protobuf ``request_deserializer``; grpc.aio turns the ``DecodeError`` it raises
-into ``UNKNOWN`` with details ``"Unexpected <class 'google.protobuf.message.DecodeError'>: Error
-parsing message with type '<type>' ..."`` (``_handle_exceptions`` in grpc's aio server). The call
-still ends at once with a clear message and nothing reaches a replica, so that status (with exactly
-that details prefix) is accepted for unparseable bytes. The same bytes on the bidirectional
-``StreamSession`` are different: the proxy's request iterator swallows the error and ends the
-input as if the client had cancelled, which used to end the call with **OK**; the Ingress now
-answers INVALID_ARGUMENT there (`service.app.Ingress._read_stream`).
+Bytes that do not parse as a method's request message: Serve's gRPC proxy parses every request
+itself, before a replica sees it, with the deserializers of the registered handlers. The Serve
+config registers them through `service.servicers`, whose deserializers never raise: such bytes
+reach the Ingress as a `Malformed` marker and the call ends with INVALID_ARGUMENT naming the
+message type (with the generated handlers, grpc.aio answered unary calls with
+``UNKNOWN "Unexpected DecodeError"`` and a stream's input silently ended as if cancelled).
 
 Retraining: ``StartJob`` is fuzzed with session ids that never name a recorded session, so every
 request is refused before a job is created (kinds, workers, epochs and gates are adversarial);
@@ -116,8 +111,8 @@ ACCEPT = {
     H + "Check": {C.OK, C.NOT_FOUND},
     H + "Watch": {C.OK, C.NOT_FOUND},
 }  # fmt: skip
-#: Serve's proxy answers unparseable bytes on a unary / server-streaming method with this
-PROXY_DECODE_ERROR = "Unexpected <class 'google.protobuf.message.DecodeError'>"
+#: in the details of the INVALID_ARGUMENT that bytes which do not parse get
+NOT_PARSED = "could not be parsed as"  # service.servicers.Malformed.describe
 
 
 def _free_port() -> int:
@@ -469,8 +464,8 @@ def _check_raw(path: str, payloads: list[bytes], code, details: str) -> None:
         assert code in ACCEPT[path] - {C.OK}, (path, payloads, code, details)
         return
     if not parseable:
-        # Serve's proxy refuses it before any replica sees it (see the module docstring)
-        assert code == C.UNKNOWN and details.startswith(PROXY_DECODE_ERROR), (
+        # refused by the Ingress, naming the message type (see the module docstring)
+        assert code == C.INVALID_ARGUMENT and NOT_PARSED in details, (
             path, payloads, code, details
         )  # fmt: skip
         return
