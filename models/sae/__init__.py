@@ -7,6 +7,8 @@ Typical use::
     sae.save("out/sae")                 # cfg.json + sae.safetensors
     sae = load_sae("out/sae")
     report = sae_metrics(sae, latents)  # L0, FVU, dead/dense fractions
+    # end-to-end fine-tune through a frozen host: KL(host || host with the SAE spliced) + FVU
+    sae, _ = finetune_sae_e2e(sae, windows, readout, SAETrainConfig(e2e_steps=300))
 """
 
 from models.sae.base import SAEOutput, SparseAutoencoder, TrainStep
@@ -22,10 +24,18 @@ from models.sae.registry import (
 )
 from models.sae.relu import ReLUSAE
 from models.sae.topk import TopKSAE
-from models.sae.train import TrainHistory, collect_latents, train_sae
+from models.sae.train import (
+    HostReadout,
+    TrainHistory,
+    collect_latents,
+    finetune_sae_e2e,
+    output_kl,
+    train_sae,
+)
 
 __all__ = [
     "BatchTopKSAE",
+    "HostReadout",
     "ReLUSAE",
     "SAEConfig",
     "SAEMetrics",
@@ -40,8 +50,10 @@ __all__ = [
     "build_sae",
     "calibrate_threshold",
     "collect_latents",
+    "finetune_sae_e2e",
     "get_sae_class",
     "load_sae",
+    "output_kl",
     "register_sae",
     "sae_metrics",
     "train_sae",

@@ -35,6 +35,25 @@ class SAETrainConfig(Config):
     calibrate_threshold: bool = Field(
         True, description="batchtopk: re-estimate the threshold on the training data at the end"
     )
+    e2e_steps: int = Field(
+        0,
+        ge=0,
+        description="end-to-end fine-tune steps after reconstruction training (0: none; "
+        "see models.sae.train.finetune_sae_e2e)",
+    )
+    e2e_batch_size: int = Field(128, ge=1, description="e2e: host-model examples per step")
+    e2e_lr: float = Field(3e-4, gt=0, description="e2e: peak learning rate")
+    e2e_kl_coeff: float = Field(
+        1.0, ge=0, description="e2e: weight of KL(host outputs || outputs with the SAE spliced)"
+    )
+    e2e_balance: bool = Field(
+        True,
+        description="e2e: scale the KL term so that, on the first batch, it equals the FVU "
+        "term (the KL weight is then e2e_kl_coeff * FVU_0 / KL_0, fixed for the run)",
+    )
+    e2e_fvu_coeff: float = Field(
+        1.0, ge=0, description="e2e: weight of the reconstruction (FVU) term kept beside the KL"
+    )
     seed: int = 0
     device: str = "cpu"
 

@@ -39,7 +39,7 @@ def interpret_cmd(
     sae_units: Annotated[
         int | None, typer.Option("--sae-units", help="SAE dictionary size (default 8 x dim).")
     ] = None,
-    k: Annotated[int, typer.Option("--k", help="Active SAE units per latent token.")] = 16,
+    k: Annotated[int, typer.Option("--k", help="Active SAE units per latent token.")] = 32,
     steps: Annotated[int, typer.Option(help="SAE training steps.")] = 3000,
     architecture: Annotated[
         Architecture, typer.Option(help="SAE architecture.")

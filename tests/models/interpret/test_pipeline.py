@@ -73,7 +73,7 @@ def tiny_checkpoint(recs, seed: int = 0, dim: int = 16, latents: int = 4) -> Che
 
 TINY = InterpretConfig(
     steps=40, sae_units=32, k=4, n_perm=50, ablation_draws=5, attribution_examples=4,
-    attribution_m=3, ig_steps=4, alpha=0.2, ablation_top=2,
+    attribution_m=3, ig_steps=4, alpha=0.2, ablation_top=2, e2e_steps=10,
 )  # fmt: skip
 
 
@@ -233,3 +233,34 @@ def test_ground_truth_recovery_counts(result):
     assert 0 <= d["covered_random_init"] <= 8
     g = gt["genetic"]
     assert g["cre_lines"] == ["A", "B"] and g["sessions_per_line"] == {"A": 2, "B": 1}
+
+
+def test_e2e_finetune_keeps_the_decoder_frozen(ckpt):
+    from models.interpret.pipeline import _train_one
+
+    torch.manual_seed(0)
+    model = ckpt.model.eval()
+    model.zero_grad(set_to_none=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.requires_grad for p in model.parameters()]
+    d, L = model.config.dim, model.config.num_latents
+    z = torch.randn(64, L, d)
+    sess = torch.zeros(64, dtype=torch.long)
+    cfg = InterpretConfig(steps=20, sae_units=32, k=4, e2e_steps=5, e2e_lr=1e-3)
+    run = _train_one(z, z[:16], cfg, d, 0, model, sess)
+    assert run.sae.cfg.train.e2e_steps == 5 and run.sae.cfg.train.e2e_lr == 1e-3
+    assert len([x for x in run.history["kl"] if x == x]) > 0  # the e2e phase ran
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert [p.requires_grad for p in model.parameters()] == grads
+    assert all(p.grad is None for p in model.parameters())
+    # no decoder, no e2e phase: the control's recipe is chosen by the caller
+    run = _train_one(z, z[:16], cfg, d, 0)
+    assert run.sae.cfg.train.e2e_steps == 0
+
+
+def test_summary_reports_spliced_agreement(result):
+    for task, r in result.summary["accuracy"].items():
+        a = r["spliced_agreement"]
+        assert 0.0 <= a <= 1.0
+        assert abs(r["spliced"] - r["decoder"]) <= 1 - a + 1e-9, task
