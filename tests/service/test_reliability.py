@@ -682,13 +682,15 @@ def _kill_replica(deployment: str, freeze_s: float = 0.0) -> str:
 
     (r,) = _replicas(deployment)
     if freeze_s:
-        tag = f"ServeReplica:cortexlens:{deployment}"
-        (p,) = [
-            p for p in psutil.process_iter(["cmdline"]) if tag in " ".join(p.info["cmdline"] or [])
-        ]
-        os.kill(p.pid, signal.SIGSTOP)
+        # this cluster's replica process (other Ray clusters on the machine may run replicas of
+        # the same name)
+        pid = ray.get(ray.get_actor(r["name"], namespace=r["namespace"]).__ray_call__.remote(
+            lambda self: os.getpid()
+        ))  # fmt: skip
+        assert psutil.pid_exists(pid), pid
+        os.kill(pid, signal.SIGSTOP)
         time.sleep(freeze_s)
-        os.kill(p.pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
     else:
         ray.kill(ray.get_actor(r["name"], namespace=r["namespace"]), no_restart=True)
     return r["name"]
