@@ -9,9 +9,17 @@ Recipe (CPU-friendly defaults, see `TrainConfig`):
 - augmentations: unit dropout (a random fraction of the cells hidden per window) and gaussian
   noise (in units of each cell's robust scale);
 - AdamW, linear warm-up then cosine decay, label smoothing;
+- optional tuning initialisation (``tuning_init``): each unit's gain embedding starts as its
+  tuning on the training trials (per-class mean response, `tuning_vectors`) through one fixed
+  random projection shared by every session, so the shared weights learn one reading of tuning
+  and a unit starts where its own trials put it (new-session adaptation does the same from its
+  labelled trials);
 - after each epoch, trial-level validation accuracy (log-probabilities averaged over the windows
-  ending from ``onset + decode_from_s`` to the trial end); early stopping on the validation
-  direction accuracy (ties broken by validation loss), keeping the best weights;
+  ending from ``onset + decode_from_s`` to the trial end); early stopping and model selection on
+  the validation direction accuracy (ties broken by validation loss) or, with
+  ``select_on="nll"``, on the validation NLL of the trial tasks, keeping the best weights;
+- optional second stage (``finetune_epochs``): only the unit and session embeddings are fitted,
+  shared weights frozen, kept where validation improves (`finetune_embeddings`);
 - the checkpoint directory gets config.json, decoder.safetensors, vocab.json, splits.json,
   train_log.jsonl (one line per epoch, then the test metrics) and learning_curve.png.
 """
@@ -37,7 +45,7 @@ from models.decoder.tokenizers import collate, tokenizer_for
 from models.decoder.vocab import Vocab
 from models.decoder.windows import SessionData, pooled_logits, trial_windows
 from models.splits import TrialSplit, split_all
-from models.tasks import TEMPORAL_FREQUENCIES_HZ, genetic_classes
+from models.tasks import TEMPORAL_FREQUENCIES_HZ, genetic_classes, trial_labels
 
 
 def robust_stats(traces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -57,6 +65,62 @@ def set_unit_stats(model: Decoder, vocab: Vocab, rec: Recording) -> None:
     ok = idx >= 0
     model.unit_loc[torch.as_tensor(idx[ok])] = torch.as_tensor(loc[ok])
     model.unit_scale[torch.as_tensor(idx[ok])] = torch.as_tensor(scale[ok])
+
+
+TUNING_SEED = 0x7E57  # the fixed projection of tuning vectors into the gain embedding
+
+
+def tuning_vectors(rec: Recording, trials: np.ndarray) -> np.ndarray:
+    """Per cell, its tuning on the given (labelled) trials: ``[n_units, 8 + 5]``.
+
+    The response of a cell to a trial is its mean dF/F over the trial (the baselines' feature),
+    robust-z-scored like the decoder's inputs; per task, the class means minus their average,
+    over the cell's within-class s.d. (classes without trials: 0; temporal frequency: 0 where
+    the data has none)."""
+    from models.baselines import trial_features
+
+    trials = np.asarray(trials, dtype=np.int64)
+    loc, scale = robust_stats(rec.traces)
+    out = np.zeros((rec.n_units, 8 + len(TEMPORAL_FREQUENCIES_HZ)), dtype=np.float32)
+    if trials.size == 0:
+        return out
+    z = (trial_features(rec, trials) - loc) / scale  # [n_trials, n_units]
+    col = 0
+    for task, k in (("direction", 8), ("temporal_frequency", len(TEMPORAL_FREQUENCIES_HZ))):
+        y = trial_labels(rec).get(task)
+        if y is not None:
+            y = y[trials]
+            means = np.zeros((k, rec.n_units))
+            present = np.zeros(k, dtype=bool)
+            resid = []
+            for c in range(k):
+                m = y == c
+                if m.any():
+                    means[c] = z[m].mean(0)
+                    present[c] = True
+                    resid.append(z[m] - means[c])
+            if present.sum() >= 2:
+                sd = np.concatenate(resid).std(0) + 0.1
+                centred = (means - means[present].mean(0)) * present[:, None]
+                out[:, col : col + k] = (centred / sd).T
+        col += k
+    return out
+
+
+@torch.no_grad()
+def init_units_from_tuning(
+    model: Decoder, vocab: Vocab, rec: Recording, trials: np.ndarray, scale: float
+) -> None:
+    """Set the gain half of ``rec``'s unit embeddings to ``scale`` x its tuning vectors
+    (`tuning_vectors`) through a fixed random projection (the same for every session, so the
+    shared weights learn one reading of it)."""
+    d = model.config.dim
+    r = torch.as_tensor(tuning_vectors(rec, trials))
+    q = torch.randn(r.shape[1], d, generator=torch.Generator().manual_seed(TUNING_SEED))
+    idx = vocab.unit_index(rec.unit_ids)
+    ok = idx >= 0
+    rows = torch.as_tensor(idx[ok])
+    model.unit_emb.weight[rows, d:] = scale * (r[torch.as_tensor(np.flatnonzero(ok))] @ q)
 
 
 def task_sizes(recordings: Sequence[Recording], gen_classes: Sequence[str]) -> dict[str, int]:
@@ -139,7 +203,12 @@ def make_train_batch(
 
 
 def evaluate_split(
-    model: Decoder, tokenizer, sessions: Sequence[SessionData], trials, from_s: float
+    model: Decoder,
+    tokenizer,
+    sessions: Sequence[SessionData],
+    trials,
+    from_s: float,
+    stride: int = 1,
 ) -> dict:
     """Trial-level accuracy and NLL per task (pooled windows), per session and overall."""
     model.eval()
@@ -147,7 +216,7 @@ def evaluate_split(
     for sd, tr in zip(sessions, trials, strict=True):
         if len(tr) == 0:
             continue
-        lp = pooled_logits(model, tokenizer, sd, tr, from_s=from_s)
+        lp = pooled_logits(model, tokenizer, sd, tr, from_s=from_s, stride=stride)
         res = {}
         for task, logp in lp.items():
             y = sd.labels[task][tr] if task in sd.labels else np.full(len(tr), -1)
@@ -167,6 +236,19 @@ def evaluate_split(
         "session_acc": per_session,
         "n_trials": count,
     }
+
+
+def selection_key(val: dict | None, train_loss: float, tcfg: TrainConfig) -> tuple:
+    """What model selection maximises: validation direction accuracy (ties broken by its NLL),
+    or minus the validation NLL summed over the trial tasks (``select_on="nll"``; less noisy
+    than the accuracy of a few validation trials per session). No validation: minus the
+    training loss."""
+    if not val or not val["nll"]:
+        return (0.0, -train_loss)
+    if tcfg.select_on == "nll":
+        nll = [v for t, v in val["nll"].items() if t != "genetic"] or list(val["nll"].values())
+        return (-float(sum(nll)), val["acc"].get("direction", 0.0))
+    return (val["acc"].get("direction", 0.0), -val["nll"].get("direction", 0.0))
 
 
 def plot_learning_curve(log: list[dict], path: Path, best_epoch: int | None = None) -> None:
@@ -240,6 +322,86 @@ def make_optimizer(model: Decoder, tcfg: TrainConfig) -> torch.optim.AdamW:
     )
 
 
+def finetune_embeddings(
+    model: Decoder,
+    sessions: Sequence[SessionData],
+    train_tr,
+    val_tr,
+    tokenizer,
+    tcfg: TrainConfig,
+    rng: np.random.Generator,
+    scales,
+    weights: dict[str, float],
+    log: list[dict],
+    log_file,
+    best_key: tuple | None,
+    best_epoch: int,
+    *,
+    progress: bool = False,
+) -> int:
+    """Second stage: fit only the unit and session embeddings (the POYO recipe for a session,
+    here on the training sessions), every shared weight frozen, no dropout. Augmentation as in
+    training. Validated after each epoch with the same selection key; ``model`` ends with the
+    best weights (the stage-one weights if no epoch improves). Returns the epoch kept."""
+    emb = [model.unit_emb.weight, model.session_emb.weight]
+    requires = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in emb:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(emb, lr=tcfg.finetune_lr)
+    has_val = sum(len(v) for v in val_tr) > 0
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    start, bad, t0 = len(log), 0, time.time()
+    n_epochs = min(tcfg.finetune_epochs, tcfg.epochs)
+    bar = tqdm(range(1, n_epochs + 1), desc="finetune", disable=not progress)
+    for ep in bar:
+        model.eval()  # frozen network as at inference (no dropout)
+        items = sample_training_windows(sessions, train_tr, tcfg, rng)
+        tot, n = 0.0, 0
+        for s in range(0, len(items), tcfg.batch_size):
+            batch, labels = make_train_batch(
+                items[s : s + tcfg.batch_size], sessions, tokenizer, tcfg, rng, scales
+            )
+            loss = multitask_loss(model.forward_batch(batch), labels, weights, tcfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(loss.detach()) * len(batch["session_index"])
+            n += len(batch["session_index"])
+        val = (
+            evaluate_split(model, tokenizer, sessions, val_tr, tcfg.decode_from_s, tcfg.val_stride)
+            if has_val
+            else None
+        )
+        row = {
+            "epoch": start + ep,
+            "stage": "finetune",
+            "train_loss": tot / max(n, 1),
+            "val_acc": val["acc"] if val else {},
+            "val_nll": val["nll"] if val else {},
+            "lr": tcfg.finetune_lr,
+            "elapsed_s": round(time.time() - t0, 2),
+        }
+        log.append(row)
+        if log_file is not None:
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+        key = selection_key(val, row["train_loss"], tcfg)
+        if best_key is None or key > best_key:
+            best_key, best_epoch, bad = key, start + ep, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= tcfg.patience:
+                break
+    bar.close()
+    model.load_state_dict(best_state)
+    for name, p in model.named_parameters():
+        p.requires_grad_(requires[name])
+    return best_epoch
+
+
 def build_vocab(recordings: Sequence[Recording]) -> Vocab:
     vocab = Vocab(genetic_classes=genetic_classes(recordings))
     for r in recordings:
@@ -287,6 +449,9 @@ def train(
             recordings, seed=tcfg.seed, val_fraction=tcfg.val_fraction,
             test_fraction=tcfg.test_fraction,
         )  # fmt: skip
+    if tcfg.tuning_init > 0:
+        for r in recordings:
+            init_units_from_tuning(model, vocab, r, splits[r.session_id].train, tcfg.tuning_init)
     sessions = [SessionData.build(r, vocab) for r in recordings]
     scales = []
     for sd in sessions:
@@ -351,7 +516,7 @@ def train(
             live = {k: v.detach().clone() for k, v in model.state_dict().items()}
             model.load_state_dict(ema)
         val = (
-            evaluate_split(model, tokenizer, sessions, val_tr, tcfg.decode_from_s)
+            evaluate_split(model, tokenizer, sessions, val_tr, tcfg.decode_from_s, tcfg.val_stride)
             if has_val
             else None
         )
@@ -367,10 +532,7 @@ def train(
         if log_file is not None:
             log_file.write(json.dumps(row) + "\n")
             log_file.flush()
-        if val:
-            key = (val["acc"].get("direction", 0.0), -val["nll"].get("direction", 0.0))
-        else:
-            key = (0.0, -row["train_loss"])
+        key = selection_key(val, row["train_loss"], tcfg)
         if best_key is None or key > best_key:
             best_key, best_epoch, bad = key, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -390,12 +552,18 @@ def train(
     bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
+    if tcfg.finetune_epochs > 0:
+        best_epoch = finetune_embeddings(
+            model, sessions, train_tr, val_tr, tokenizer, tcfg, rng, scales, weights, log,
+            log_file, best_key, best_epoch, progress=progress,
+        )  # fmt: skip
     model.eval()
     test = evaluate_split(model, tokenizer, sessions, test_tr, tcfg.decode_from_s)
     summary = {
         "event": "done",
         "best_epoch": best_epoch,
-        "epochs_run": len(log),
+        "epochs_run": sum(1 for r in log if r.get("stage") != "finetune"),
+        "finetune_epochs_run": sum(1 for r in log if r.get("stage") == "finetune"),
         "train_time_s": round(time.time() - t0, 2),
         "n_parameters": n_params,
         "test_acc": test["acc"],

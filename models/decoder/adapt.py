@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from models.data.recording import Recording
 from models.decoder.checkpoint import Checkpoint
-from models.decoder.config import TrainConfig
+from models.decoder.config import LEGACY_TRAINING, TrainConfig
 from models.decoder.model import Decoder
 from models.decoder.predict import predict_trials
 from models.decoder.windows import SessionData
@@ -51,7 +51,7 @@ def adapt_session(
     Only the new unit embeddings and the new session embedding are trained; the returned
     checkpoint shares nothing mutable with ``ckpt``.
     """
-    from models.train import make_train_batch, set_unit_stats
+    from models.train import init_units_from_tuning, make_train_batch, set_unit_stats
 
     if ckpt.vocab.has_session(rec.session_id):
         raise ValueError(
@@ -63,7 +63,7 @@ def adapt_session(
         raise ValueError("adaptation needs at least one trial with a direction label")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    tcfg = ckpt.config.training or TrainConfig()
+    tcfg = ckpt.config.training or TrainConfig(**LEGACY_TRAINING)
 
     vocab = ckpt.vocab.copy()
     n_units_old, n_sessions_old = vocab.n_units, vocab.n_sessions
@@ -79,6 +79,10 @@ def adapt_session(
         set_unit_stats(model, vocab, rec.replace(
             traces=rec.traces[:, new_units], unit_ids=[rec.unit_ids[i] for i in new_units]
         ))  # fmt: skip
+        if tcfg.tuning_init > 0:  # as in training: from the labelled trials given here
+            init_units_from_tuning(model, vocab, rec.replace(
+                traces=rec.traces[:, new_units], unit_ids=[rec.unit_ids[i] for i in new_units]
+            ), trials, tcfg.tuning_init)  # fmt: skip
     model.eval()  # no dropout: the frozen network behaves as at inference
     for p in model.parameters():
         p.requires_grad_(False)

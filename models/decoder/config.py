@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from models.config import Config
 
@@ -25,13 +25,25 @@ class DecoderConfig(Config):
     num_latents: int = Field(8, ge=1, description="latent tokens spread along the window")
     ffn_mult: int = Field(2, ge=1)
     direct_path: bool = Field(
-        False,
+        True,
         description="add a linear per-cell path (cell's mean value x a projection of its unit "
         "embedding, averaged over tokens) to every latent",
     )
+    unit_stats_input: bool = Field(
+        False,
+        description="add each unit's normalisation statistics (log robust scale, median over "
+        "scale; label-free, from the unit's own frames) to its tokens, so the absolute level "
+        "of activity the z-scoring removes stays readable (e.g. for genetic background)",
+    )
+    session_free_tasks: list[str] = Field(
+        default_factory=list,
+        description="tasks whose output query leaves out the session embedding (task embedding "
+        "only), e.g. ['genetic']: a session-level label then has to be read from the activity, "
+        "not looked up from the session's identity",
+    )
     dropout: float = Field(0.2, ge=0, lt=1)
     emb_init_scale: float = Field(0.02, description="init std of session/task/latent rows")
-    unit_init_scale: float = Field(1.0, description="init std of unit embedding rows")
+    unit_init_scale: float = Field(0.1, description="init std of unit embedding rows")
     t_min: float = Field(0.02, gt=0, description="shortest rotary period (s)")
     t_max: float = Field(4.0, gt=0, description="longest rotary period (s)")
     n_units: int = Field(1, ge=1, description="rows of the unit embedding")
@@ -55,7 +67,7 @@ class TrainConfig(Config):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     emb_lr_mult: float = Field(
-        1.0, gt=0, description="learning-rate multiplier of the unit and session embeddings"
+        5.0, gt=0, description="learning-rate multiplier of the unit and session embeddings"
     )
     warmup_epochs: int = Field(2, ge=0)
     windows_per_trial: int = Field(4, ge=1, description="training windows per trial per epoch")
@@ -73,16 +85,74 @@ class TrainConfig(Config):
         0.0, ge=0, lt=1, description="exponential moving average of the weights (0 = off)"
     )
     genetic_weight: float = Field(0.2, ge=0, description="loss weight of the genetic task")
+    select_on: Literal["accuracy", "nll"] = Field(
+        "nll",
+        description="model selection / early stopping on validation direction accuracy (ties: "
+        "NLL) or on validation NLL summed over the trial tasks (direction, temporal frequency)",
+    )
+    finetune_epochs: int = Field(
+        10,
+        ge=0,
+        description="after training: epochs fitting only the unit and session embeddings (shared "
+        "weights frozen, no dropout), kept only where validation improves; at most ``epochs`` "
+        "(0 = off)",
+    )
+    val_stride: int = Field(
+        1,
+        ge=1,
+        description="validation pools every n-th decoded window of a trial (1 = all; test and "
+        "evaluation always pool all)",
+    )
+    tuning_init: float = Field(
+        1.0,
+        ge=0,
+        description="initialise each unit's gain embedding from its tuning on the training "
+        "trials (per-class mean normalised response, direction and temporal frequency, through "
+        "a fixed random projection), times this scale; 0 = random init",
+    )
+    finetune_lr: float = Field(1e-2, gt=0, description="learning rate of the fine-tuning stage")
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     threads: int = Field(1, ge=1, description="torch CPU threads (1 is fastest for small models)")
     max_minutes: float | None = Field(None, description="stop training after this wall time")
 
 
+#: Values that fields added or re-defaulted later had in checkpoints saved before them: a saved
+#: config that lacks one of these keys was trained (and must be rebuilt) with this value, not
+#: with today's default.
+LEGACY_DECODER: dict[str, object] = {
+    "direct_path": False,
+    "unit_stats_input": False,
+    "unit_init_scale": 1.0,
+    "session_free_tasks": [],
+}
+LEGACY_TRAINING: dict[str, object] = {
+    "emb_lr_mult": 1.0,
+    "select_on": "accuracy",
+    "finetune_epochs": 0,
+    "tuning_init": 0.0,
+    "val_stride": 1,
+}
+
+
 class CheckpointConfig(Config):
-    """What `config.json` of a checkpoint holds."""
+    """What `config.json` of a checkpoint holds. Saved configs missing keys added since are read
+    with their legacy values (`LEGACY_DECODER`, `LEGACY_TRAINING`), so old checkpoints keep
+    loading and adapting as they were trained."""
 
     decoder: DecoderConfig
     training: TrainConfig | None = None
     sources: list[str] = Field(default_factory=list, description="data the model was trained on")
     parent: str | None = Field(None, description="checkpoint this one was adapted from")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_defaults(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if isinstance(data.get("decoder"), dict):
+            data["decoder"] = {**LEGACY_DECODER, **data["decoder"]}
+        if isinstance(data.get("training"), dict):
+            data["training"] = {**LEGACY_TRAINING, **data["training"]}
+        return data

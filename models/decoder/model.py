@@ -48,6 +48,7 @@ class Decoder(nn.Module):
     unit_scale: Tensor
     latent_timestamps: Tensor
     latent_index: Tensor
+    query_session_gate: Tensor
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -72,6 +73,8 @@ class Decoder(nn.Module):
         self.value_emb = nn.Sequential(nn.Linear(c.value_dim, d), nn.GELU(), nn.Linear(d, d))
         # optional linear path: mean over cells of w_u * mean(x_u), w_u = P e_u (logistic-like)
         self.direct_proj = nn.Linear(2 * d, d) if c.direct_path else None
+        # optional: the unit's normalisation statistics as a token feature
+        self.stats_proj = nn.Linear(2, d) if c.unit_stats_input else None
 
         # latents evenly along the window, (k + 1) * window / L: the last sits at the window end
         lat_t = torch.arange(1, c.num_latents + 1, dtype=torch.float32) * (
@@ -102,6 +105,11 @@ class Decoder(nn.Module):
         self.dec_ffn = FeedForward(d, c.ffn_mult, c.dropout)
         self.out_norm = nn.LayerNorm(d)
         self.heads = nn.ModuleDict({t: nn.Linear(d, c.tasks[t]) for t in self.task_names})
+        # 1 where a task's query carries the session embedding, 0 for `session_free_tasks`
+        use_sess = [0.0 if t in c.session_free_tasks else 1.0 for t in self.task_names]
+        self.register_buffer(
+            "query_session_gate", torch.tensor(use_sess).unsqueeze(-1), persistent=False
+        )
 
     # -- the two halves ---------------------------------------------------------------------------
     def encode(self, batch: Mapping[str, Tensor]) -> Tensor:
@@ -117,6 +125,10 @@ class Decoder(nn.Module):
         d = self.config.dim
         # token = e_u + (1 + g_u) * f(x): the gain lets each cell weigh its own response
         tokens = emb[..., :d] + (1.0 + emb[..., d:]) * self.value_emb(x)
+        if self.stats_proj is not None:
+            s = scale.squeeze(-1)
+            stats = torch.stack([torch.log(s), loc.squeeze(-1) / s], dim=-1)
+            tokens = tokens + self.stats_proj(stats)
         tok_pos = self.rotary_emb(batch["timestamps"])
 
         latents = self.latent_emb(self.latent_index).unsqueeze(0).expand(b, -1, -1)
@@ -138,9 +150,8 @@ class Decoder(nn.Module):
         b = latents.shape[0]
         n_tasks = len(self.task_names)
         task_index = torch.arange(n_tasks, device=latents.device)
-        queries = self.session_emb(batch["session_index"]).unsqueeze(1) + self.task_emb(
-            task_index
-        ).unsqueeze(0)  # [B, T, D]
+        queries = self.session_emb(batch["session_index"]).unsqueeze(1) * self.query_session_gate
+        queries = queries + self.task_emb(task_index).unsqueeze(0)  # [B, T, D]
         q_t = torch.full((n_tasks,), self.config.window_s, device=latents.device)
         q_pos = self.rotary_emb(q_t).unsqueeze(0).expand(b, -1, -1)
         lat_pos = self.rotary_emb(self.latent_timestamps).unsqueeze(0).expand(b, -1, -1)

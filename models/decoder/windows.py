@@ -132,11 +132,16 @@ def build_batch(
     return batch_to_torch(batch) if as_torch else batch
 
 
-def trial_windows(sd: SessionData, trials: np.ndarray, from_s: float) -> tuple[list, list]:
-    """(trial position, end frame) of every decoded window of the given trials."""
+def trial_windows(
+    sd: SessionData, trials: np.ndarray, from_s: float, stride: int = 1
+) -> tuple[list, list]:
+    """(trial position, end frame) of every decoded window of the given trials (with
+    ``stride`` > 1: every stride-th, counted back from the last, which is always kept)."""
     owners, frames = [], []
     for k, tr in enumerate(np.asarray(trials)):
         fr = decode_frames(sd.rec, int(tr), from_s)
+        if stride > 1:
+            fr = fr[::-1][::stride][::-1]
         owners.extend([k] * fr.size)
         frames.extend(fr.tolist())
     return owners, frames
@@ -151,10 +156,12 @@ def pooled_logits(
     *,
     from_s: float = 1.0,
     batch_size: int = 256,
+    stride: int = 1,
 ) -> dict[str, np.ndarray]:
-    """Per task: mean log-probabilities over each trial's decoded windows, ``[n_trials, C]``."""
+    """Per task: mean log-probabilities over each trial's decoded windows, ``[n_trials, C]``
+    (``stride``: see `trial_windows`)."""
     trials = np.asarray(trials, dtype=np.int64)
-    owners, frames = trial_windows(sd, trials, from_s)
+    owners, frames = trial_windows(sd, trials, from_s, stride)
     owners_a = np.asarray(owners)
     sums: dict[str, np.ndarray] = {}
     for s in range(0, len(frames), batch_size):

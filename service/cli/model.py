@@ -42,11 +42,11 @@ def train_cmd(
         bool | None,
         typer.Option(
             "--direct-path/--no-direct-path",
-            help="Add a linear per-cell path into the latents [off].",
+            help="Add a linear per-cell path into the latents [on].",
         ),
     ] = None,
     unit_init_scale: Annotated[
-        float | None, typer.Option(help="Init std of the unit embedding rows [1.0].")
+        float | None, typer.Option(help="Init std of the unit embedding rows [0.1].")
     ] = None,
     ema_decay: Annotated[
         float | None,
@@ -54,6 +54,20 @@ def train_cmd(
     ] = None,
     max_minutes: Annotated[
         float | None, typer.Option(help="Stop after this many minutes of training.")
+    ] = None,
+    select_on: Annotated[
+        str | None,
+        typer.Option(help="Keep the epoch with the best validation 'accuracy' or 'nll' [nll]."),
+    ] = None,
+    finetune_epochs: Annotated[
+        int | None,
+        typer.Option(help="Then fit only unit/session embeddings this many epochs (0 = off) [10]."),
+    ] = None,
+    tuning_init: Annotated[
+        float | None,
+        typer.Option(
+            help="Start unit gain embeddings from tuning on training trials (0 = off) [1]."
+        ),
     ] = None,
     config: Annotated[
         Path | None,
@@ -104,6 +118,9 @@ def train_cmd(
                 threads=threads,
                 max_minutes=max_minutes,
                 ema_decay=ema_decay,
+                select_on=select_on,
+                finetune_epochs=finetune_epochs,
+                tuning_init=tuning_init,
             ),  # fmt: skip
         }
     )

@@ -193,3 +193,72 @@ def test_onnx_export_dynamo_matches_torch(small_recs, tmp_path, tokenizer, direc
         ref = model.forward_batch(b2)
     for name, o in zip([o.name for o in sess.get_outputs()], out, strict=True):
         np.testing.assert_allclose(o, ref[name].numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("free", [[], ["genetic"]])
+def test_session_free_task_queries_ignore_the_session_embedding(small_recs, free):
+    model, vocab = make_model(small_recs, session_free_tasks=free)
+    with torch.no_grad():
+        model.session_emb.weight.normal_(std=1.0)  # make the two sessions' rows differ
+    batch = build_batch(
+        small_recs[1], small_recs[1].trials.start[:3] + 1.0, tokenizer_for(model.config), vocab
+    )
+    other = {**batch, "session_index": torch.zeros_like(batch["session_index"])}
+    assert int(batch["session_index"][0]) == 1
+    with torch.no_grad():
+        a, b = model(**batch), model(**other)
+    assert not torch.allclose(a["direction"], b["direction"])
+    if free:
+        torch.testing.assert_close(a["genetic"], b["genetic"], rtol=0, atol=0)
+    else:
+        assert not torch.allclose(a["genetic"], b["genetic"])
+    # the option is config, not weights: the state dict keeps its keys
+    assert set(model.state_dict()) == set(make_model(small_recs)[0].state_dict())
+
+
+def test_saved_configs_without_new_keys_load_with_their_legacy_values(tmp_path):
+    from models.decoder.config import LEGACY_DECODER, LEGACY_TRAINING
+
+    new = CheckpointConfig(decoder=DecoderConfig(), training=TrainConfig())
+    raw = new.to_dict()
+    old = {
+        "decoder": {k: v for k, v in raw["decoder"].items() if k not in LEGACY_DECODER},
+        "training": {k: v for k, v in raw["training"].items() if k not in LEGACY_TRAINING},
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    loaded = CheckpointConfig.load(path)
+    assert not loaded.decoder.direct_path and loaded.decoder.unit_init_scale == 1.0
+    assert loaded.training.tuning_init == 0 and loaded.training.finetune_epochs == 0
+    assert loaded.training.select_on == "accuracy" and loaded.training.emb_lr_mult == 1.0
+    # today's defaults differ, and a config saved today round-trips with them
+    assert new.decoder.direct_path and new.training.tuning_init > 0
+    assert CheckpointConfig.load(new.save(tmp_path / "new.json")) == new
+    # a legacy checkpoint (no direct path) still loads its weights
+    legacy_cfg = loaded.decoder.model_copy(update={"n_units": 5, "tasks": {"direction": 8}})
+    sd = Decoder(legacy_cfg).state_dict()
+    Decoder(CheckpointConfig.model_validate({"decoder": old["decoder"] | {"n_units": 5}}).decoder
+            ).load_state_dict(sd)  # fmt: skip
+
+
+def test_unit_stats_input_makes_the_units_level_readable(small_recs):
+    model, vocab = make_model(small_recs, unit_stats_input=True)
+    batch = build_batch(
+        small_recs[0], small_recs[0].trials.start[:2] + 1.0, tokenizer_for(model.config), vocab
+    )
+    with torch.no_grad():
+        a = model(**batch)["direction"]
+        # same z-scored inputs (values shifted and scaled with loc/scale), different levels
+        idx = batch["unit_index"]
+        shifted = {**batch, "values": batch["values"] * 3.0 + 2.0}
+        model.unit_loc[idx] = model.unit_loc[idx] * 3.0 + 2.0
+        model.unit_scale[idx] = model.unit_scale[idx] * 3.0
+        b = model(**shifted)["direction"]
+        model.stats_proj.weight.zero_()
+        model.stats_proj.bias.zero_()
+        c = model(**shifted)["direction"]
+        model.unit_loc[idx] = (model.unit_loc[idx] - 2.0) / 3.0
+        model.unit_scale[idx] = model.unit_scale[idx] / 3.0
+        d = model(**batch)["direction"]
+    assert not torch.allclose(a, b, atol=1e-4)  # the level is seen
+    torch.testing.assert_close(c, d, rtol=1e-4, atol=1e-4)  # without it, only z-scores matter
