@@ -583,6 +583,25 @@ def bare_server(bundle_path, *, max_batch: int, limit_s: float, log: Log = print
                 p.wait(5)
 
 
+def start_local_service(cfg: dict) -> None:
+    """Start the Serve application of ``cfg`` on a NEW local Ray instance (never another one on
+    this machine; quiet: no dashboard, no worker logs), returning when it is RUNNING."""
+    import ray
+
+    from service import server
+    from service.settings import NAMESPACE
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            namespace=NAMESPACE,
+            include_dashboard=False,
+            log_to_driver=False,
+            num_cpus=os.cpu_count() or 2,
+        )
+    server.start(cfg, log=None, timeout_s=240)
+
+
 @contextlib.contextmanager
 def service_app(
     bundle_path, *, max_batch: int, max_sessions: int, record_sync: bool, log: Log = print
@@ -606,19 +625,7 @@ def service_app(
     )
     t0 = time.perf_counter()
     try:
-        import ray
-
-        from service.settings import NAMESPACE
-
-        if not ray.is_initialized():  # a new local instance, never another one on this machine
-            ray.init(
-                address="local",
-                namespace=NAMESPACE,
-                include_dashboard=False,
-                log_to_driver=False,
-                num_cpus=os.cpu_count() or 2,
-            )
-        server.start(cfg, log=None, timeout_s=240)
+        start_local_service(cfg)
         log(f"  service up in {time.perf_counter() - t0:.0f} s on 127.0.0.1:{port}")
         yield f"127.0.0.1:{port}"
     finally:

@@ -222,10 +222,8 @@ def run(argv: list[str], log=print) -> dict:
 
 
 def _run(a, seconds: float, log) -> dict:
-    import ray
 
     from service import server
-    from service.settings import NAMESPACE
 
     t_start = time.monotonic()
     b = h.bundle_for(a.cells, a.rate, a.seed, cache=a.cache, log=log)
@@ -246,15 +244,7 @@ def _run(a, seconds: float, log) -> dict:
     )
     rss = RssSampler(a.sample_s)
     try:
-        if not ray.is_initialized():
-            ray.init(
-                address="local",
-                namespace=NAMESPACE,
-                include_dashboard=False,
-                log_to_driver=False,
-                num_cpus=os.cpu_count() or 2,
-            )
-        server.start(cfg, log=None, timeout_s=240)
+        h.start_local_service(cfg)
         target = f"127.0.0.1:{port}"
         log(f"soak: {a.sessions} sessions x {a.cells} cells at {a.rate:g} Hz for {seconds:g} s "
             f"against {target}")  # fmt: skip

@@ -238,6 +238,29 @@ def evaluate_split(
     }
 
 
+def _validate_and_log(model, tokenizer, sessions, val_trials, tcfg, head: dict, lr: float, t0,
+                      log: list, log_file) -> tuple[dict, dict | None]:  # fmt: skip
+    """Validate (when there are validation trials), append the epoch's row to the log (and
+    the jsonl file); returns (row, validation result or None)."""
+    val = (
+        evaluate_split(model, tokenizer, sessions, val_trials, tcfg.decode_from_s, tcfg.val_stride)
+        if val_trials is not None
+        else None
+    )
+    row = {
+        **head,
+        "val_acc": val["acc"] if val else {},
+        "val_nll": val["nll"] if val else {},
+        "lr": lr,
+        "elapsed_s": round(time.time() - t0, 2),
+    }
+    log.append(row)
+    if log_file is not None:
+        log_file.write(json.dumps(row) + "\n")
+        log_file.flush()
+    return row, val
+
+
 def selection_key(val: dict | None, train_loss: float, tcfg: TrainConfig) -> tuple:
     """What model selection maximises: validation direction accuracy (ties broken by its NLL),
     or minus the validation NLL summed over the trial tasks (``select_on="nll"``; less noisy
@@ -369,24 +392,11 @@ def finetune_embeddings(
             opt.step()
             tot += float(loss.detach()) * len(batch["session_index"])
             n += len(batch["session_index"])
-        val = (
-            evaluate_split(model, tokenizer, sessions, val_tr, tcfg.decode_from_s, tcfg.val_stride)
-            if has_val
-            else None
-        )
-        row = {
-            "epoch": start + ep,
-            "stage": "finetune",
-            "train_loss": tot / max(n, 1),
-            "val_acc": val["acc"] if val else {},
-            "val_nll": val["nll"] if val else {},
-            "lr": tcfg.finetune_lr,
-            "elapsed_s": round(time.time() - t0, 2),
-        }
-        log.append(row)
-        if log_file is not None:
-            log_file.write(json.dumps(row) + "\n")
-            log_file.flush()
+        head = {"epoch": start + ep, "stage": "finetune", "train_loss": tot / max(n, 1)}
+        row, val = _validate_and_log(
+            model, tokenizer, sessions, val_tr if has_val else None, tcfg, head,
+            tcfg.finetune_lr, t0, log, log_file,
+        )  # fmt: skip
         key = selection_key(val, row["train_loss"], tcfg)
         if best_key is None or key > best_key:
             best_key, best_epoch, bad = key, start + ep, 0
@@ -515,23 +525,11 @@ def train(
         if ema is not None:  # validate (and keep) the averaged weights
             live = {k: v.detach().clone() for k, v in model.state_dict().items()}
             model.load_state_dict(ema)
-        val = (
-            evaluate_split(model, tokenizer, sessions, val_tr, tcfg.decode_from_s, tcfg.val_stride)
-            if has_val
-            else None
-        )
-        row = {
-            "epoch": epoch,
-            "train_loss": tot / max(n, 1),
-            "val_acc": val["acc"] if val else {},
-            "val_nll": val["nll"] if val else {},
-            "lr": sched.get_last_lr()[0],
-            "elapsed_s": round(time.time() - t0, 2),
-        }
-        log.append(row)
-        if log_file is not None:
-            log_file.write(json.dumps(row) + "\n")
-            log_file.flush()
+        head = {"epoch": epoch, "train_loss": tot / max(n, 1)}
+        row, val = _validate_and_log(
+            model, tokenizer, sessions, val_tr if has_val else None, tcfg, head,
+            sched.get_last_lr()[0], t0, log, log_file,
+        )  # fmt: skip
         key = selection_key(val, row["train_loss"], tcfg)
         if best_key is None or key > best_key:
             best_key, best_epoch, bad = key, epoch, 0

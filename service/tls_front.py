@@ -297,16 +297,8 @@ class TLSFront:
 
     async def _unary_stream(self, method: str, request: bytes, context) -> AsyncIterator[bytes]:
         call = self._channel.unary_stream(method)(request, **self._call_kw(context))
-        try:
-            await self._relay_initial(call, context)
-            async for resp in call:
-                yield resp
-            context.set_trailing_metadata(_forwardable(await call.trailing_metadata()))
-        except grpc.aio.AioRpcError as e:
-            await self._abort_with(e, context)
-        finally:
-            if not call.done():
-                call.cancel()
+        async for resp in self._relay(call, context):
+            yield resp
 
     async def _forward(
         self, method: str, request_iterator: AsyncIterator[bytes], context
@@ -314,6 +306,11 @@ class TLSFront:
         # the request iterator (raw bytes) is consumed by gRPC; it ends (half-close) when the
         # client's does
         call = self._channel.stream_stream(method)(request_iterator, **self._call_kw(context))
+        async for resp in self._relay(call, context):
+            yield resp
+
+    async def _relay(self, call, context) -> AsyncIterator[bytes]:
+        """The responses of a streaming upstream ``call``, then its trailing metadata and status."""
         try:
             await self._relay_initial(call, context)
             async for resp in call:

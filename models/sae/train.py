@@ -78,6 +78,29 @@ def collect_latents(
     return z[:max_tokens] if max_tokens is not None else z
 
 
+def _step(sae: SparseAutoencoder, opt, loss: Tensor, lr: float, tc) -> None:
+    """One optimiser step at ``lr`` keeping the decoder rows at unit norm (their gradient
+    projected off the row direction, then renormalised), with the configured gradient clip."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.project_decoder_grad()
+    if tc.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), tc.grad_clip)
+    opt.step()
+    sae.normalize_decoder()
+
+
+@torch.no_grad()
+def _track_firing(sae: SparseAutoencoder, acts: Tensor, since_fired: Tensor, tc) -> None:
+    """Tokens since each unit last fired (in place; AuxK's dead mask), BatchTopK's threshold."""
+    since_fired += acts.shape[0]
+    since_fired[(acts > 0).any(0)] = 0
+    if isinstance(sae, BatchTopKSAE):
+        sae.update_threshold(acts, tc.threshold_momentum)
+
+
 def train_sae(
     data: Tensor,
     cfg: SAEConfig,
@@ -138,21 +161,8 @@ def train_sae(
         if tc.l1_warmup_steps > 0:
             l1c *= min(1.0, (step + 1) / tc.l1_warmup_steps)
         out = sae.training_step(x_n, dead_mask=dead, l1_coeff=l1c)
-        for g in opt.param_groups:
-            g["lr"] = tc.lr * lr_factor(step, tc)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        sae.project_decoder_grad()
-        if tc.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), tc.grad_clip)
-        opt.step()
-        sae.normalize_decoder()
-        with torch.no_grad():
-            fired = (out.acts > 0).any(0)
-            since_fired += bs
-            since_fired[fired] = 0
-            if isinstance(sae, BatchTopKSAE):
-                sae.update_threshold(out.acts, tc.threshold_momentum)
+        _step(sae, opt, out.loss, tc.lr * lr_factor(step, tc), tc)
+        _track_firing(sae, out.acts, since_fired, tc)
         if step % log_every == 0 or step == tc.steps - 1:
             rec = {
                 "loss": out.loss.item(),
@@ -283,21 +293,8 @@ def finetune_sae_e2e(
                 kl_weight *= out.fvu.item() / max(kl.item(), 1e-6)
         rest = out.loss - out.fvu  # AuxK and L1 at their own weights
         loss = kl_weight * kl + tc.e2e_fvu_coeff * out.fvu + rest
-        for g in opt.param_groups:
-            g["lr"] = tc.e2e_lr * e2e_lr_factor(step, tc)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.project_decoder_grad()
-        if tc.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), tc.grad_clip)
-        opt.step()
-        sae.normalize_decoder()
-        with torch.no_grad():
-            fired = (out.acts > 0).any(0)
-            since_fired += x_n.shape[0]
-            since_fired[fired] = 0
-            if isinstance(sae, BatchTopKSAE):
-                sae.update_threshold(out.acts, tc.threshold_momentum)
+        _step(sae, opt, loss, tc.e2e_lr * e2e_lr_factor(step, tc), tc)
+        _track_firing(sae, out.acts, since_fired, tc)
         if step % log_every == 0 or step == tc.e2e_steps - 1:
             rec = {
                 "loss": loss.item(),
