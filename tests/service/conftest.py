@@ -33,9 +33,27 @@
 
 from __future__ import annotations
 
+import socket
 from types import SimpleNamespace
 
 import pytest
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (servers in tests bind loopback only)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def published_home(service_home, tmp_path_factory, name: str):
+    """A fresh home whose registry holds the ``service_home`` bundle as the promoted version of
+    ``default``: (home, registry, version)."""
+    from models.registry import Registry
+
+    home = tmp_path_factory.mktemp(name)
+    reg = Registry(home / "registry")
+    return home, reg, reg.publish(service_home.bundle_path, "default", promote=True)
 
 
 @pytest.fixture(scope="session")

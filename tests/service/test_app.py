@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 import urllib.request
@@ -21,30 +20,22 @@ import pytest
 
 from service.protos_gen.cortexlens.v1 import cortexlens_pb2 as pb
 from service.protos_gen.cortexlens.v1 import cortexlens_pb2_grpc as pbg
+from tests.service.conftest import free_port, published_home
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def served(service_home, tmp_path_factory):
     from types import SimpleNamespace
 
-    from models.registry import Registry
     from service import server
 
-    home = tmp_path_factory.mktemp("served_home")
-    reg = Registry(home / "registry")
-    v1 = reg.publish(service_home.bundle_path, "default", promote=True)
-    grpc_port, metrics_port = _free_port(), _free_port()
+    home, reg, v1 = published_home(service_home, tmp_path_factory, "served_home")
+    grpc_port, metrics_port = free_port(), free_port()
     cfg = server.load_config(
         grpc_port=grpc_port,
-        http_port=_free_port(),
+        http_port=free_port(),
         args={"home": str(home), "metrics_port": metrics_port, "ingest": {"max_gap_frames": 60}},
     )
     server.start(cfg, num_cpus=2, log=None)

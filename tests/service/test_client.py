@@ -36,6 +36,7 @@ from service.client import (
 )
 from service.protos_gen.cortexlens.v1 import cortexlens_pb2 as pb
 from service.protos_gen.cortexlens.v1 import cortexlens_pb2_grpc as pbg
+from tests.service.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DIRECTIONS = [str(d) for d in range(0, 360, 45)]
@@ -300,14 +301,6 @@ def _stream_kw(n_frames=40, n_cells=10, rate=30.0, seed=0, **kw):
     return dict(traces=traces, timestamps=ts, unit_ids=unit_ids, session_id="s1", **kw), traces
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --------------------------------------------------------------------------------------------
 # Packing and explanations
 
@@ -430,7 +423,7 @@ def test_token_required(serve):
 
 
 def test_unreachable_server_is_unavailable():
-    with Client(f"127.0.0.1:{_free_port()}", timeout_s=2.0) as c:
+    with Client(f"127.0.0.1:{free_port()}", timeout_s=2.0) as c:
         with pytest.raises(CortexlensError) as ei:
             c.health()
         assert ei.value.code == grpc.StatusCode.UNAVAILABLE

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import collections
 import math
-import socket
 import threading
 import time
 
@@ -56,6 +55,7 @@ from grpc_health.v1 import health_pb2
 
 from service.protos_gen.cortexlens.v1 import cortexlens_pb2 as pb
 from service.protos_gen.cortexlens.v1 import cortexlens_pb2_grpc as pbg
+from tests.service.conftest import free_port, published_home
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -115,12 +115,6 @@ ACCEPT = {
 NOT_PARSED = "could not be parsed as"  # service.servicers.Malformed.describe
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Served(__import__("types").SimpleNamespace):
     def __repr__(self) -> str:  # hypothesis prints the fixture of a failing example
         return f"<served {self.target}>"
@@ -129,16 +123,13 @@ class _Served(__import__("types").SimpleNamespace):
 @pytest.fixture(scope="module")
 def served(service_home, tmp_path_factory):
 
-    from models.registry import Registry
     from service import server
 
-    home = tmp_path_factory.mktemp("reliability_home")
-    reg = Registry(home / "registry")
-    v1 = reg.publish(service_home.bundle_path, "default", promote=True)
-    grpc_port = _free_port()
+    home, reg, v1 = published_home(service_home, tmp_path_factory, "reliability_home")
+    grpc_port = free_port()
     cfg = server.load_config(
         grpc_port=grpc_port,
-        http_port=_free_port(),
+        http_port=free_port(),
         args={"home": str(home), "metrics_port": 0, "ingest": {"max_gap_frames": 60}},
     )
     server.start(cfg, num_cpus=2, log=None)

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.client import Client, CortexlensError
 from service.protos_gen.cortexlens.v1 import cortexlens_pb2 as pb
 from service.protos_gen.cortexlens.v1 import cortexlens_pb2_grpc as pbg
+from tests.service.conftest import free_port, published_home
 from tests.service.test_tls_front import make_cert
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -33,29 +34,20 @@ MAX_TRIALS = 5
 C = grpc.StatusCode
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def secured(service_home, tmp_path_factory):
     from types import SimpleNamespace
 
-    from models.registry import Registry
     from service import server
 
-    home = tmp_path_factory.mktemp("secured_home")
-    reg = Registry(home / "registry")
-    v1 = reg.publish(service_home.bundle_path, "default", promote=True)
+    home, reg, v1 = published_home(service_home, tmp_path_factory, "secured_home")
     crt, key = make_cert("127.0.0.1", dns=("localhost",), ips=("127.0.0.1",))
     (home / "tls.crt").write_bytes(crt)
     (home / "tls.key").write_bytes(key)
-    grpc_port, metrics_port, tls_port = _free_port(), _free_port(), _free_port()
+    grpc_port, metrics_port, tls_port = free_port(), free_port(), free_port()
     cfg = server.load_config(
         grpc_port=grpc_port,
-        http_port=_free_port(),
+        http_port=free_port(),
         args={
             "home": str(home),
             "metrics_port": metrics_port,
