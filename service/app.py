@@ -52,7 +52,7 @@ SERVICE_NAME = "cortexlens.v1.Decoder"
 ACTOR_PREFIX = "session:"
 TRIALS_FILE = "trials.jsonl"  # stimulus trials sent on a stream, beside its record
 PUSH_RETRIES = 20  # tries of one block while a session actor restarts (~0.1 s apart, growing)
-CLOSE_GRACE_S = 1.0  # wait before closing a record cleanly after the client's input ended
+CLOSE_GRACE_S = 2.5  # wait before closing a record cleanly after the client's input ended
 DECODE_RETRY_S = 30.0  # how long one decode waits through the death of a decoder replica
 
 
@@ -740,6 +740,7 @@ class Ingress:
             _abort(grpc_context, e.code, e.message)
         out: asyncio.Queue = asyncio.Queue()
         state = _StreamState()
+        state.input = request_stream
         reader = asyncio.create_task(self._read_stream(request_stream, out, state))
         try:
             while True:
@@ -1177,8 +1178,13 @@ class Ingress:
         # A client that vanished can look like a half-close to the replica (the proxy's request
         # iterator may just end); its cancellation reaches this handler a moment later. Wait a
         # little before marking the record closed, so a vanished client leaves it resumable.
-        await asyncio.sleep(CLOSE_GRACE_S)
-        if st.cancelled:
+        # The input stream's own cancellation flag may be set then too: poll both.
+        is_cancelled = getattr(st.input, "is_cancelled", None) or (lambda: False)
+        t_end = time.monotonic() + CLOSE_GRACE_S
+        while not (st.cancelled or is_cancelled()) and time.monotonic() < t_end:
+            await asyncio.sleep(0.05)
+        if st.cancelled or is_cancelled():
+            st.cancelled = True
             raise asyncio.CancelledError
         await st.actor.mark_decoded.remote(st.decoded)
         status, _ = await self._call_actor(st, "close", st.epoch)
@@ -1203,6 +1209,7 @@ class _StreamState:
         self.actor = None
         self.epoch = 0
         self.session_id = ""
+        self.input = None  # the request stream (its is_cancelled(), when it has one)
         self.units_key = ""
         self.top_m = 0
         self.ref: ModelRef | None = None

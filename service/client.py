@@ -352,12 +352,14 @@ class SessionStream:
         return self._stats
 
     def cancel(self) -> None:
-        """Stop sending and cancel the call (iteration then ends without an error)."""
-        self._stop.set()
-        self._accepted_evt.set()
+        """Cancel the call, then stop sending (iteration then ends without an error). In this
+        order the server sees a cancellation, never a half-close first: the session is left
+        INTERRUPTED (resumable), not closed."""
         call = self._call
         if call is not None:
             call.cancel()
+        self._stop.set()
+        self._accepted_evt.set()
 
     def close(self) -> None:
         """Cancel the call if it is still running and stop the sending thread."""
