@@ -442,7 +442,8 @@ def build_default_bundle(
         )
         times["train_s"] = time.perf_counter() - t0
         log(f"[default model] 2/4 decoder trained in {times['train_s']:.1f}s: "
-            f"{summary['epochs_run']} epochs (best {summary['best_epoch']}), test accuracy "
+            f"{summary['epochs_run']} + {summary.get('finetune_epochs_run', 0)} embedding-only "
+            f"epochs (kept epoch {summary['best_epoch']}), test accuracy "
             + ", ".join(f"{k} {v:.3f}" for k, v in summary["test_acc"].items()))  # fmt: skip
 
         icfg = s.interpret or default_interpret_config(s.seed)
