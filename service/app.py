@@ -27,9 +27,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -277,6 +278,7 @@ class SessionActor:
             "restarted": self.restarted,
             "pid": os.getpid(),
             "state": self.buf.state,
+            "n_trials": self.n_trials,
         }
 
     def attach(self) -> tuple[int, str]:
@@ -388,22 +390,50 @@ class SessionActor:
 SessionActorRemote = ray.remote(SessionActor)
 
 
+_ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+async def _through_restarts(
+    call: Callable[[], Awaitable[Any]],
+    *,
+    tries: int | None = None,
+    within_s: float | None = None,
+    growth: float = 1.5,
+    warn: str = "",
+) -> tuple[Any, int]:
+    """``await call()``, calling again while the actor behind it is dead or restarting (Ray
+    restarts a session actor; Serve replaces a replica): pauses 0.05 s, growing by ``growth``
+    up to 1 s. Gives up (re-raises) after ``tries`` calls, or when the next call would start
+    after ``within_s``. Returns (result, retries). ``warn``: logged at each retry."""
+    deadline = None if within_s is None else time.monotonic() + within_s
+    delay, retries = 0.05, 0
+    while True:
+        try:
+            return await call(), retries
+        except _ACTOR_GONE:
+            if (tries is not None and retries + 1 >= tries) or (
+                deadline is not None and time.monotonic() + delay > deadline
+            ):
+                raise
+            if warn:
+                log.warning("%s; retrying in %.2f s", warn, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * growth, 1.0)
+            retries += 1
+
+
 async def _decode(decoder: DeploymentHandle, job: DecodeJob) -> DecodeOut:
     """Decode one window, waiting through the death of the decoder replica that had it (Serve
     starts another one; until it is up the handle's calls fail with `RayActorError`). A decode
     is a pure function of the window, so running it again is safe. Gives up (the error becomes
     UNAVAILABLE) after `DECODE_RETRY_S`."""
-    deadline = time.monotonic() + DECODE_RETRY_S
-    delay = 0.05
-    while True:
-        try:
-            return await decoder.decode.remote(job)
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-            if time.monotonic() + delay > deadline:
-                raise
-            log.warning("decoder replica lost during a decode; retrying in %.2f s", delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+    out, _ = await _through_restarts(
+        lambda: decoder.decode.remote(job),
+        within_s=DECODE_RETRY_S,
+        growth=2.0,
+        warn="decoder replica lost during a decode",
+    )
+    return out
 
 
 def _parsed(request) -> None:
@@ -894,15 +924,7 @@ class Ingress:
         st.tokens, st.t_tokens = st.rate_cap, time.perf_counter()
         st.frame_bytes = 4 * len(ids)
         st.record_frames = int((hello.get("status") or {}).get("frames_recorded", 0))
-        if op.resume and q.max_trials:  # the trials the session holds already (as the actor)
-            tf = d / TRIALS_FILE
-
-            def held() -> int:
-                if not tf.exists():
-                    return 0
-                return sum(1 for x in tf.read_text().splitlines() if x.strip())
-
-            st.trials = await asyncio.to_thread(held)
+        st.trials = int(hello.get("n_trials", 0))  # what the session holds already
         self.live[op.session_id] = st.epoch
         self.metrics.active_sessions.set(len(self.live))
         await out.put(
@@ -977,8 +999,7 @@ class Ingress:
                 if kind != "frames":
                     raise IngestError("INVALID_ARGUMENT", "empty StreamRequest (no frames)")
                 await self._push(req.frames, st, out)
-            cancelled = getattr(request_stream, "is_cancelled", None)
-            if cancelled is not None and cancelled():
+            if st.input_cancelled():
                 # The input broke off without a half-close: the client vanished (or the proxy
                 # could not receive a message). No clean close: the session stays resumable.
                 # Bytes that do not parse arrive as `Malformed` (INVALID_ARGUMENT above); the
@@ -999,19 +1020,12 @@ class Ingress:
             await out.put(None)
 
     async def _call_actor(self, st: _StreamState, method: str, *args):
-        """Call the session actor, waiting through a restart of its process."""
-        delay = 0.05
-        for attempt in range(PUSH_RETRIES):
-            try:
-                return await getattr(st.actor, method).remote(*args), attempt
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                # the actor's process died; Ray restarts it from its record (a restarted actor
-                # is owned by the first stream that calls it again)
-                if attempt == PUSH_RETRIES - 1:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 1.5, 1.0)
-        raise AssertionError("unreachable")
+        """Call the session actor, waiting through a restart of its process (Ray restarts it
+        from its record; a restarted actor is owned by the first stream that calls it again);
+        returns (result, retries)."""
+        return await _through_restarts(
+            lambda: getattr(st.actor, method).remote(*args), tries=PUSH_RETRIES
+        )
 
     def _quota_frames(self, st: _StreamState, n: int) -> None:
         """Per-session quotas on a block of ``n`` frames (a few float operations per block):
@@ -1179,11 +1193,10 @@ class Ingress:
         # iterator may just end); its cancellation reaches this handler a moment later. Wait a
         # little before marking the record closed, so a vanished client leaves it resumable.
         # The input stream's own cancellation flag may be set then too: poll both.
-        is_cancelled = getattr(st.input, "is_cancelled", None) or (lambda: False)
         t_end = time.monotonic() + CLOSE_GRACE_S
-        while not (st.cancelled or is_cancelled()) and time.monotonic() < t_end:
+        while not (st.cancelled or st.input_cancelled()) and time.monotonic() < t_end:
             await asyncio.sleep(0.05)
-        if st.cancelled or is_cancelled():
+        if st.cancelled or st.input_cancelled():
             st.cancelled = True
             raise asyncio.CancelledError
         await st.actor.mark_decoded.remote(st.decoded)
@@ -1209,7 +1222,7 @@ class _StreamState:
         self.actor = None
         self.epoch = 0
         self.session_id = ""
-        self.input = None  # the request stream (its is_cancelled(), when it has one)
+        self.input = None  # the request stream
         self.units_key = ""
         self.top_m = 0
         self.ref: ModelRef | None = None
@@ -1222,6 +1235,12 @@ class _StreamState:
         self.closed = False
         self.cancelled = False
         self.error: tuple[str, str] | None = None
+
+    def input_cancelled(self) -> bool:
+        """Whether the client's side of the stream was cancelled (Serve's `gRPCInputStream`
+        says so; an input without that flag never is)."""
+        f = getattr(self.input, "is_cancelled", None)
+        return f is not None and f()
 
 
 def build_app(args: dict | None = None) -> serve.Application:

@@ -16,10 +16,13 @@ from typing import Any
 
 import yaml
 
-from service.settings import APP_NAME, NAMESPACE, SERVE_CONFIG, ServiceSettings
-
-#: gRPC messages larger than this are refused by the proxy with RESOURCE_EXHAUSTED (bytes).
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+from service.settings import (
+    APP_NAME,
+    MAX_MESSAGE_BYTES,
+    NAMESPACE,
+    SERVE_CONFIG,
+    ServiceSettings,
+)
 
 #: the TLS front started by `start` (``tls`` settings), stopped by `stop`
 _front = None
@@ -112,8 +115,11 @@ def start_tls_front(cfg: dict):
     """Start the TLS front of the config's ``tls`` settings (None when they are off): TLS on
     ``tls.host:tls.port``, forwarded to the Serve gRPC proxy on loopback. `start` does this
     once the application is RUNNING."""
+    return _launch(_make_tls_front(cfg))
+
+
+def _launch(front):
     global _front
-    front = _make_tls_front(cfg)
     if front is not None:
         front.start()
         _front = front
@@ -141,12 +147,9 @@ def start(
     Ray starts (mistakes fail fast), and it listens once the application is RUNNING (no gRPC
     threads in this process while Ray forks its daemons; no client sees a half-started server
     on the TLS port)."""
-    global _front
     front = _make_tls_front(cfg)
     _start(cfg, address=address, num_cpus=num_cpus, timeout_s=timeout_s, log=log)
-    if front is not None:
-        front.start()
-        _front = front
+    _launch(front)
 
 
 def _start(cfg: dict, *, address, num_cpus, timeout_s, log) -> None:

@@ -16,6 +16,11 @@ APP_NAME = "cortexlens"
 NAMESPACE = "cortexlens"
 
 
+#: gRPC messages larger than this are refused with RESOURCE_EXHAUSTED (bytes): by Serve's proxy
+#: (``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE``, set by `service.server`) and by the TLS front.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
 class IngestSettings(Config):
     """Per-session ingestion (see `service.ingest.IngestConfig`)."""
 

@@ -22,7 +22,7 @@ cancels (or whose deadline passes) cancels the upstream call; an upstream call t
 CANCELLED (or any other status) ends the client's call with it.
 
 Messages larger than ``max_message_bytes`` are refused by the front itself with
-RESOURCE_EXHAUSTED, the same limit as the Serve proxy's (``service.server.MAX_MESSAGE_BYTES``).
+RESOURCE_EXHAUSTED, the same limit as the Serve proxy's (``service.settings.MAX_MESSAGE_BYTES``).
 
 Where it runs: `service.server.start` starts it in a daemon thread (its own event loop) of the
 process that called ``start`` (``cortexlens serve`` or a test), and `service.server.stop` stops it.
@@ -49,12 +49,12 @@ from pathlib import Path
 
 import grpc
 
+from service.settings import MAX_MESSAGE_BYTES
+
 log = logging.getLogger("cortexlens.tls_front")
 
 #: metadata keys that belong to the transport of one hop, never forwarded
 _HOP_KEYS = frozenset({"user-agent", "te", "content-type", "host", "connection", "keep-alive"})
-
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 _Metadata = tuple[tuple[str, str | bytes], ...]
@@ -145,7 +145,7 @@ class TLSFront:
         client_ca: bytes | str | Path | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
         kinds: dict[str, tuple[bool, bool]] | None = None,
     ) -> None:
         self.upstream = upstream

@@ -43,6 +43,12 @@ class TrainHistory:
     kl: list[float] = field(default_factory=list)  # e2e fine-tune only
     kl_weight: list[float] = field(default_factory=list)  # e2e fine-tune only
 
+    def add(self, step: int, rec: Mapping[str, float]) -> None:
+        """Log one step's record (keys: the fields above)."""
+        self.step.append(step)
+        for key, v in rec.items():
+            getattr(self, key).append(v)
+
     def to_dict(self) -> dict[str, list]:
         return dict(self.__dict__)
 
@@ -172,9 +178,7 @@ def train_sae(
                 "dead_fraction": dead.float().mean().item(),
                 "lr": opt.param_groups[0]["lr"],
             }
-            hist.step.append(step)
-            for key, v in rec.items():
-                getattr(hist, key).append(v)
+            hist.add(step, rec)
             if callback is not None:
                 callback(step, rec)
     sae.eval()
@@ -306,9 +310,7 @@ def finetune_sae_e2e(
                 "kl": kl.item(),
                 "kl_weight": kl_weight,
             }
-            hist.step.append(step)
-            for key, v in rec.items():
-                getattr(hist, key).append(v)
+            hist.add(step, rec)
             if callback is not None:
                 callback(step, rec)
     sae.eval()
