@@ -6,9 +6,15 @@ unexplained) and OFF (`ExplainedDecoder(..., attributions=False)`: units, activa
 probs). For every (tokenizer, attributions) the ONNX graph is exported ONCE (dynamic batch and
 token dimensions; export time printed) and reused for every cell count and batch size.
 
-Per config: warm-up, then timed runs interleaved ORT / eager (the order alternates every
-repeat), p50/p90/p99 per engine in milliseconds per batch, the speed-up eager_p50 / ort_p50, and
-the median of the per-pair ratios (more robust to load that changes during a config).
+Engines, per config interleaved in blocks of ``--block`` runs (default 10: each engine runs warm,
+as it would in its own serving process, while load that drifts during a config reaches every
+engine; the order rotates every block): ONNX Runtime on the exported
+graph; PyTorch eager on the trained modules as they are (`ExplainedDecoder(..., folded=False)`,
+the torch_brain attention blocks: the baseline of the speed-up); and PyTorch eager on the
+exported graph's own arithmetic (`models.decoder.folded`: rotary embeddings and every constant
+folded into the weights), so the table separates what the rewrite gains from what ONNX Runtime
+gains. Per engine p50/p90/p99 in milliseconds per batch; the speed-up eager_p50 / ort_p50 and the
+median of the per-run ratios (more robust to load that changes during a config).
 Both engines use ``--threads`` intra-op threads (default 1). Windows are ``--window`` s at
 ``--fs`` Hz (poyo: frames x cells tokens); configs above ``--max-tokens`` tokens per batch are
 skipped and listed, and the sweep is bounded by ``--max-seconds`` (exports included): configs run
@@ -67,7 +73,7 @@ TASKS = {"direction": 8, "temporal_frequency": 5, "genetic": 2}  # what Park dat
 SPEEDUP_TARGET = 3.0  # issue 5: ORT >= 3x faster than eager for `patch` on CPU
 BUDGET_MS = 3.3  # issue 5: a 512-cell `patch` window with 16 attributions, batch 1, median
 BUDGET_CONFIG = {"tokenizer": "patch", "cells": 512, "batch": 1, "attributions": True}
-PHASE1_S = 1.0  # seconds of timed pairs a cheap config gets in phase 1
+PHASE1_S = 1.0  # seconds of timed rounds a cheap config gets in phase 1
 QUICK = {  # CI: the `patch` graphs (both headline checks), a few configs; exports ~10 s each
     "tokenizers": "patch",
     "cells": "64,512",
@@ -115,6 +121,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=100, help="max timed runs per engine")
     ap.add_argument("--min-repeats", type=int, default=5, help="min timed runs per engine")
     ap.add_argument("--warmup", type=int, default=3, help="untimed runs per engine")
+    ap.add_argument(
+        "--block",
+        type=int,
+        default=10,
+        help="timed runs of one engine in a row before the next engine runs (1 = alternate "
+        "every run: each engine then starts with caches the others filled)",
+    )
     ap.add_argument("--max-tokens", type=int, default=300_000, help="per batch; above: skipped")
     ap.add_argument("--max-seconds", type=float, default=600.0, help="whole run, exports too")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads, ORT and torch")
@@ -144,7 +157,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 class Variant:
     tokenizer: str
     attributions: bool
-    model: ExplainedDecoder
+    model: ExplainedDecoder  # what is exported: the decoder's arithmetic with constants folded
+    eager: ExplainedDecoder  # the eager baseline: the trained modules as they are
     session: Any
     export_s: float
     onnx_mb: float
@@ -196,6 +210,7 @@ def export_variants(args: argparse.Namespace, tmp: Path, log: Callable[[str], No
         check = [simulated_batch(dec, 2, 7, seed=3, fs=args.fs)]
         for attr in _onoff(args.attributions):
             model = ExplainedDecoder(dec, sae, args.top_m, attributions=attr).eval()
+            eager = ExplainedDecoder(dec, sae, args.top_m, attributions=attr, folded=False)
             path = tmp / f"{tok}_{'on' if attr else 'off'}.onnx"
             t0 = time.perf_counter()
             with _quiet_export():
@@ -204,7 +219,7 @@ def export_variants(args: argparse.Namespace, tmp: Path, log: Callable[[str], No
             sess = ort_session(path, threads=args.threads)
             par = parity(model, sess, check)
             v = Variant(
-                tok, attr, model, sess, export_s, path.stat().st_size / 2**20, par
+                tok, attr, model, eager.eval(), sess, export_s, path.stat().st_size / 2**20, par
             )  # fmt: skip
             log(
                 f"exported {tok:>5} attributions {'on ' if attr else 'off'}: {export_s:6.1f} s, "
@@ -242,55 +257,73 @@ def plan(args: argparse.Namespace, variants: list[Variant]) -> tuple[list[dict],
     return todo, skipped
 
 
+ENGINES = ("ort", "eager", "eager_folded")
+
+
 def measure(
-    v: Variant, batch: dict[str, torch.Tensor], n: int, warmup: int
-) -> tuple[list[float], list[float], float]:
-    """Interleaved timings (ORT, eager), seconds per batch; max |logits| difference."""
+    v: Variant, batch: dict[str, torch.Tensor], n: int, warmup: int, block: int = 1
+) -> tuple[dict[str, list[float]], float]:
+    """Interleaved timings per engine (`ENGINES`: ORT, eager of the trained modules, eager of the
+    folded graph that is exported), seconds per batch, the order rotating every repeat; and the
+    max |logits| difference ORT vs the trained modules."""
     feeds = {k: batch[k].numpy() for k in INPUT_NAMES}
     inputs = tuple(batch[k] for k in INPUT_NAMES)
-    sess, model = v.session, v.model
+    sess = v.session
 
     def run_ort():
         return sess.run(None, feeds)
 
-    def run_eager():
-        with torch.inference_mode():
-            return model(*inputs)
+    def eager(model):
+        def run():
+            with torch.inference_mode():
+                return model(*inputs)
 
-    names = model.output_names
+        return run
+
+    fns = {"ort": run_ort, "eager": eager(v.eager), "eager_folded": eager(v.model)}
+    names = v.model.output_names
     got = dict(zip(names, run_ort(), strict=True))
-    ref = dict(zip(names, run_eager(), strict=True))
+    ref = dict(zip(names, fns["eager"](), strict=True))
     diff = max(
         float(np.abs(got[f"{t}.logits"] - ref[f"{t}.logits"].numpy()).max())
-        for t in model.task_names
+        for t in v.model.task_names
     )
     for _ in range(max(warmup - 1, 0)):
-        run_ort()
-        run_eager()
-    t_ort, t_eager = [], []
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in ENGINES}
     gc.collect()
     gc.disable()
     try:
-        for i in range(n):
-            pair = ((run_ort, t_ort), (run_eager, t_eager))
-            for fn, acc in pair if i % 2 == 0 else pair[::-1]:
-                t0 = time.perf_counter()
-                fn()
-                acc.append(time.perf_counter() - t0)
+        for j, start in enumerate(range(0, n, block)):
+            order = ENGINES[j % 3 :] + ENGINES[: j % 3]
+            for k in order:
+                for _ in range(min(block, n - start)):
+                    t0 = time.perf_counter()
+                    fns[k]()
+                    times[k].append(time.perf_counter() - t0)
     finally:
         gc.enable()
-    return t_ort, t_eager, diff
+    return times, diff
+
+
+def _round(times: dict[str, list[float]]) -> list[float]:
+    """Seconds of one round (every engine once), per repeat."""
+    return list(np.sum([times[k] for k in ENGINES], axis=0))
 
 
 def _row(m: dict) -> dict:
-    c, t_o, t_e = m["c"], m["t_o"], m["t_e"]
-    ort, eager = percentiles(t_o), percentiles(t_e)
+    c, t = m["c"], m["t"]
+    t_o, t_e = t["ort"], t["eager"]
+    ort, eager, folded = percentiles(t_o), percentiles(t_e), percentiles(t["eager_folded"])
     return c | {
         "repeats": len(t_o),
         "ort_ms": ort,
         "eager_ms": eager,
+        "eager_folded_ms": folded,
         "speedup_p50": round(eager["p50"] / ort["p50"], 3),
         "speedup_paired_median": round(float(np.median(np.divide(t_e, t_o))), 3),
+        "speedup_vs_folded_eager_p50": round(folded["p50"] / ort["p50"], 3),
         "ort_p50_per_window_ms": round(ort["p50"] / c["batch"], 4),
         "max_abs_diff_logits": m["diff"],
     }
@@ -308,7 +341,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
         variants = export_variants(args, Path(tmp), log)
         todo, skipped = plan(args, variants)
-        cost_per_token: dict[tuple[str, bool], float] = {}  # s per token, ORT + eager, 1 pair
+        cost_per_token: dict[tuple[str, bool], float] = {}  # s per token, every engine once
         cache: dict[tuple[str, int, int], dict[str, torch.Tensor]] = {}
 
         def batch_for(c: dict, v: Variant) -> dict[str, torch.Tensor]:
@@ -321,7 +354,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
             return cache[key]
 
         log(
-            f"phase 1: warm-up {args.warmup} + {args.min_repeats} timed pairs per config "
+            f"phase 1: warm-up {args.warmup} + {args.min_repeats} timed rounds per config "
             f"(up to {PHASE1_S:g} s of them, at most {args.repeats})"
         )
         per_config = args.warmup + args.min_repeats
@@ -332,35 +365,35 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
             # the latest (largest) config of the same graph, per token
             est = cost_per_token.get(key, 0.0) * c["tokens"]
             if left <= 0 or est * per_config > left:
-                why = f"~{est * 1e3:.0f} ms per ORT+eager pair, " if est else ""
+                why = f"~{est * 1e3:.0f} ms per round of the engines, " if est else ""
                 skipped.append(
                     c | {"reason": f"time budget (--max-seconds {args.max_seconds:g}): "
                          f"{why}{max(left, 0):.0f} s left"}
                 )  # fmt: skip
                 continue
             batch = batch_for(c, v)
-            t_o, t_e, diff = measure(v, batch, 1, args.warmup)
-            # cheap configs get up to PHASE1_S of timed pairs already (more samples for p99
+            t, diff = measure(v, batch, 1, args.warmup)
+            # cheap configs get up to PHASE1_S of timed rounds already (more samples for p99
             # even when little time is left for phase 2)
-            n1 = int(np.clip(PHASE1_S / max(t_o[0] + t_e[0], 1e-6), args.min_repeats, args.repeats))
-            more_o, more_e, _ = measure(v, batch, n1 - 1, 0)
-            t_o, t_e = t_o + more_o, t_e + more_e
-            cost_per_token[key] = float(np.median(np.add(t_o, t_e))) / c["tokens"]
-            m = {"c": c, "v": v, "t_o": t_o, "t_e": t_e, "diff": diff}
+            n1 = int(np.clip(PHASE1_S / max(_round(t)[0], 1e-6), args.min_repeats, args.repeats))
+            more, _ = measure(v, batch, n1 - 1, 0, args.block)
+            t = {k: t[k] + more[k] for k in ENGINES}
+            cost_per_token[key] = float(np.median(_round(t))) / c["tokens"]
+            m = {"c": c, "v": v, "t": t, "diff": diff}
             measured.append(m)
             log(_row_line(_row(m)))
         cache.clear()
-        todo_2 = [m for m in measured if len(m["t_o"]) < args.repeats]
+        todo_2 = [m for m in measured if len(m["t"]["ort"]) < args.repeats]
         log(f"phase 2: {deadline - time.perf_counter():.0f} s left for {len(todo_2)} configs")
         for j, m in enumerate(todo_2):
-            pair = float(np.median(np.add(m["t_o"], m["t_e"])))
+            one = float(np.median(_round(m["t"])))
             share = (deadline - time.perf_counter()) / (len(todo_2) - j)
-            extra = min(args.repeats - len(m["t_o"]), int(share / max(pair, 1e-6)) - 1)
+            extra = min(args.repeats - len(m["t"]["ort"]), int(share / max(one, 1e-6)) - 1)
             if extra < 1:
                 continue
-            t_o, t_e, _ = measure(m["v"], batch_for(m["c"], m["v"]), extra, 1)
-            m["t_o"] += t_o
-            m["t_e"] += t_e
+            t, _ = measure(m["v"], batch_for(m["c"], m["v"]), extra, 1, args.block)
+            for k in ENGINES:
+                m["t"][k] += t[k]
         cache.clear()
     rows = [_row(m) for m in measured]
     rows.sort(key=_order)
@@ -473,17 +506,18 @@ def checks(rows: list[dict], top_m: int) -> dict:
 HEADER = (
     f"{'tok':>5} {'attr':>4} {'cells':>5} {'batch':>5} {'tokens':>7} {'n':>3} | "
     f"{'ORT p50':>8} {'p90':>8} {'p99':>8} | {'eager p50':>9} {'p90':>8} {'p99':>8} | "
-    f"{'eager/ORT':>9} {'paired':>6}"
+    f"{'eager/ORT':>9} {'paired':>6} | {'folded eager p50':>16} {'/ORT':>6}"
 )
 
 
 def _row_line(r: dict) -> str:
-    o, e = r["ort_ms"], r["eager_ms"]
+    o, e, f = r["ort_ms"], r["eager_ms"], r["eager_folded_ms"]
     return (
         f"{r['tokenizer']:>5} {'on' if r['attributions'] else 'off':>4} {r['cells']:>5} "
         f"{r['batch']:>5} {r['tokens']:>7} {r['repeats']:>3} | {o['p50']:>8.2f} {o['p90']:>8.2f} "
         f"{o['p99']:>8.2f} | {e['p50']:>9.2f} {e['p90']:>8.2f} {e['p99']:>8.2f} | "
-        f"{r['speedup_p50']:>8.2f}x {r['speedup_paired_median']:>5.2f}x"
+        f"{r['speedup_p50']:>8.2f}x {r['speedup_paired_median']:>5.2f}x | {f['p50']:>16.2f} "
+        f"{r['speedup_vs_folded_eager_p50']:>5.2f}x"
     )
 
 
@@ -536,8 +570,12 @@ def header_lines(res: dict) -> list[str]:
         f"latents, tasks {d.get('tasks')}; SAE {res['sae']}; top_m {res['top_m']}; "
         f"{res['weights']}",
         f"windows: {s['window']:g} s at {s['fs']:g} Hz (poyo: frames x cells tokens); "
-        f"n = timed runs per engine, interleaved; times are ms per batch; eager/ORT = eager p50 / "
-        f"ORT p50, paired = median of the per-pair ratios (each pair run back to back)",
+        f"n = timed runs per engine, interleaved in blocks of {s.get('block', 1)} runs; times are "
+        f"ms per batch; eager = the trained modules (torch_brain blocks) in PyTorch eager, "
+        f"eager/ORT = eager p50 / ORT p50, "
+        f"paired = median of the per-run ratios (run back to back); folded eager = the exported "
+        f"graph's own arithmetic (constants folded, `models.decoder.folded`) in PyTorch eager, "
+        f"/ORT = its p50 / ORT p50 (what ONNX Runtime adds over the rewrite)",
     ]
 
 
@@ -591,16 +629,18 @@ def markdown(res: dict) -> str:
         "## Latency (ms per batch)",
         "",
         "| tokenizer | attributions | cells | batch | tokens | n | ORT p50 | ORT p90 | ORT p99 "
-        "| eager p50 | eager p90 | eager p99 | eager/ORT p50 | paired |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| eager p50 | eager p90 | eager p99 | eager/ORT p50 | paired | folded eager p50 "
+        "| folded eager/ORT |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in res["rows"]:
-        o, e = r["ort_ms"], r["eager_ms"]
+        o, e, f = r["ort_ms"], r["eager_ms"], r["eager_folded_ms"]
         out.append(
             f"| {r['tokenizer']} | {'on' if r['attributions'] else 'off'} | {r['cells']} | "
             f"{r['batch']} | {r['tokens']} | {r['repeats']} | {o['p50']:.2f} | {o['p90']:.2f} | "
             f"{o['p99']:.2f} | {e['p50']:.2f} | {e['p90']:.2f} | {e['p99']:.2f} | "
-            f"{r['speedup_p50']:.2f}x | {r['speedup_paired_median']:.2f}x |"
+            f"{r['speedup_p50']:.2f}x | {r['speedup_paired_median']:.2f}x | {f['p50']:.2f} | "
+            f"{r['speedup_vs_folded_eager_p50']:.2f}x |"
         )
     if res["skipped"]:
         out += ["", "## Skipped", ""]

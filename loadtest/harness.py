@@ -191,7 +191,8 @@ class TorchSession:
         dec.load_state_dict(load_file(str(Path(bundle.path) / "decoder.safetensors")))
         sae = build_sae(SAEConfig.model_validate(cfg["sae"]))
         sae.load_weights(Path(bundle.path) / "sae.safetensors")
-        self.model = ExplainedDecoder(dec.eval(), sae.eval(), int(cfg["export"]["top_m"])).eval()
+        top_m = int(cfg["export"]["top_m"])  # the trained modules as they are (not folded)
+        self.model = ExplainedDecoder(dec.eval(), sae.eval(), top_m, folded=False).eval()
         self.output_names = list(output_names)
         self.input_names = INPUT_NAMES
         self.torch = torch

@@ -33,6 +33,7 @@ import numpy as np
 from models.bundle import Bundle
 from models.decoder.tokenizers import collate, get_tokenizer
 from models.decoder.vocab import Vocab
+from models.runtime import ort_session
 from models.tasks import class_names
 from service.ingest.errors import IngestError
 
@@ -116,19 +117,6 @@ class _Labels:
     doc: dict = field(default_factory=dict)
 
 
-def _ort_session(model_bytes: bytes, threads: int, providers: Sequence[str] | None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = max(1, int(threads))
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    avail = set(ort.get_available_providers())
-    want = list(providers) if providers else ["CPUExecutionProvider"]
-    use = [p for p in want if p in avail] or ["CPUExecutionProvider"]
-    return ort.InferenceSession(model_bytes, sess_options=so, providers=use)
-
-
 class Engine:
     """A bundle's ONNX graph, tokenizer, vocabularies and unit labels, ready to decode."""
 
@@ -180,7 +168,7 @@ class Engine:
             label_set=f"{b.version or 'unversioned'}/units-{units_sha}",
         )
         self.parent = b.parent or ""
-        self.session = _ort_session(b.read_bytes(MODEL_FILE), threads, providers)
+        self.session = ort_session(b.read_bytes(MODEL_FILE), threads, providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         missing = {"units", "activations"} - set(self.output_names)

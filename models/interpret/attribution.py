@@ -89,7 +89,7 @@ def unit_contributions(sae: SparseAutoencoder, acts: Tensor, idx: Tensor) -> Ten
     """c_u for the selected units: [B, M, L, D]."""
     a = torch.gather(acts, 2, idx[:, None, :].expand(-1, acts.shape[1], -1))  # [B, L, M]
     dirs = sae.unit_directions()[idx]  # [B, M, D]
-    return torch.einsum("blm,bmd->bmld", a, dirs)
+    return a.transpose(1, 2).unsqueeze(-1) * dirs.unsqueeze(2)  # [B, M, L, 1] * [B, M, 1, D]
 
 
 class _Decomposition(NamedTuple):

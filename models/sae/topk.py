@@ -11,7 +11,7 @@ from models.sae.registry import register_sae
 
 def topk_sparsify(pre: Tensor, k: int) -> Tensor:
     """Zero all but the ``k`` largest entries of the last axis (torch.topk + scatter)."""
-    vals, idx = torch.topk(pre, k, dim=-1)
+    vals, idx = torch.topk(pre, k, dim=-1, sorted=False)  # scattered back: order is moot
     return torch.zeros_like(pre).scatter(-1, idx, vals)
 
 

@@ -50,14 +50,16 @@ def test_quick_mode_writes_every_config(tmp_path, capsys):
     for r in rows:
         assert r["tokenizer"] == "patch" and r["tokens"] == r["cells"] * r["batch"]
         assert 1 <= r["repeats"] <= 3
-        for eng in ("ort_ms", "eager_ms"):
+        for eng in ("ort_ms", "eager_ms", "eager_folded_ms"):
             assert set(r[eng]) == {"p50", "p90", "p99", "mean"}
             assert 0 < r[eng]["p50"] <= r[eng]["p90"] <= r[eng]["p99"]
         assert (
             r["speedup_p50"] > 0
             and r["speedup_paired_median"] > 0
+            and r["speedup_vs_folded_eager_p50"] > 0
             and r["max_abs_diff_logits"] < 1e-4
         )
+    assert res["settings"]["block"] == 10
 
     sp = res["checks"]["patch_speedup"]
     assert sp["target"] == 3.0 and sp["measured_configs"] == 8
@@ -69,6 +71,7 @@ def test_quick_mode_writes_every_config(tmp_path, capsys):
     assert "| tokenizer | attributions |" in md and md.count("| patch |") == 8
     printed = capsys.readouterr().out
     assert "check 1" in printed and "check 2" in printed and "eager/ORT" in printed
+    assert "folded eager" in printed and "folded eager" in md
 
 
 def test_plan_counts_poyo_tokens_and_skips_above_the_budget():
@@ -76,10 +79,8 @@ def test_plan_counts_poyo_tokens_and_skips_above_the_budget():
         TINY + ["--cells", "8,16", "--batches", "1,4", "--max-tokens", "900", "--fs", "30"]
     )
     dec = be.build_decoder("poyo", 16, args)
-    variants = [
-        be.Variant("poyo", a, be.ExplainedDecoder(dec, _sae(), 4, attributions=a), None, 0, 0, {})
-        for a in (True, False)
-    ]
+    models = [be.ExplainedDecoder(dec, _sae(), 4, attributions=a) for a in (True, False)]
+    variants = [be.Variant("poyo", m.attributions, m, m, None, 0, 0, {}) for m in models]
     todo, skipped = be.plan(args, variants)
     # 1 s at 30 Hz: 30 frames x cells tokens per window
     tokens = {(c["cells"], c["batch"], c["attributions"]): c["tokens"] for c in todo + skipped}

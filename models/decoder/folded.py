@@ -1,0 +1,358 @@
+"""`FoldedDecoder`: the trained `Decoder`'s inference arithmetic with its constants folded.
+
+The same function as ``Decoder.encode`` / ``Decoder.readout`` in eval mode (equal up to float
+rounding; `models.export` checks ORT against the unfolded decoder on every export), rewritten so
+that an exported ONNX graph has few, large nodes instead of many small ones:
+
+- Everything that depends only on the unit index is a table: the unit's additive embedding
+  (plus its statistics feature, ``unit_stats_input``), its gain, the direct path's projection
+  of its embedding, its normalisation offset and inverse scale; one gather each.
+- Rotary embeddings (torch_brain's interleaved pairs, ``x * cos + rotate_half(x) * sin``):
+  ``rotate_half`` is a fixed linear map, so it is folded into the projection weights. Where the
+  positions are constant (latent tokens, output queries) the rotation itself is folded into the
+  weights or into per-position constants; only the input tokens' positions come from the batch,
+  and for them the cosine and sine are computed on the distinct frequencies only and broadcast.
+- The encoder's queries (the learned latents) do not depend on the input: their normalised,
+  projected, rotated and scaled values are a constant. Its output side (per-head value selection,
+  inverse rotation at each latent's position, output projection) is one matrix per latent.
+
+It holds copies of the weights it needs (buffers, no parameters): build it from a trained
+decoder, use it for inference and export, never train it. Only the `Decoder` is saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch_brain.nn import RotaryTimeEmbedding
+
+from models.decoder.model import Decoder
+
+
+def _half_turn(dim_head: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``Rh`` with ``rotate_half(x) == x @ Rh`` for one head (torch_brain's pair layout)."""
+    return RotaryTimeEmbedding._rotate_half(torch.eye(dim_head, dtype=dtype))
+
+
+def _rotation(emb: Tensor, dim_head: int) -> Tensor:
+    """``[n, dh, dh]`` matrices ``M`` with ``rotate(x, emb) == x @ M`` for each of ``n``
+    rotary embeddings ``emb [n, 2 * dh]`` (``RotaryTimeEmbedding.forward`` output)."""
+    cos, sin = emb.chunk(2, dim=-1)
+    rh = _half_turn(dim_head, emb.dtype)
+    return torch.diag_embed(cos) + rh[None] * sin[:, None, :]
+
+
+def _block_diag(m: Tensor, heads: int) -> Tensor:
+    """``[..., dh, dh]`` -> ``[..., H*dh, H*dh]``, the same block on every head."""
+    dh = m.shape[-1]
+    out = m.new_zeros(*m.shape[:-2], heads * dh, heads * dh)
+    for h in range(heads):
+        out[..., h * dh : (h + 1) * dh, h * dh : (h + 1) * dh] = m
+    return out
+
+
+def _layer_norm(ln: nn.LayerNorm, x: Tensor) -> Tensor:
+    return nn.functional.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+class FoldedDecoder(nn.Module):
+    """Inference-only twin of a trained `Decoder` (see the module docstring).
+
+    ``encode(batch)`` and ``readout(latents, batch)`` take and return what the decoder's do."""
+
+    def __init__(self, decoder: Decoder):
+        super().__init__()
+        # fold in float64 (constants rounded once, at the end), on private copies of the weights
+        dtype = next(decoder.parameters()).dtype
+        dec = copy.deepcopy(decoder).double().eval()
+        c = dec.config
+        self.config = c
+        self.task_names = dec.task_names
+        d, dh = c.dim, c.dim_head
+        self.dim_head = dh
+        with torch.no_grad():
+            self._fold_tokens(dec)
+            self._fold_encoder(dec)
+            self.layers = nn.ModuleList(_FoldedSelfAttention(dec, a, f) for a, f in dec.proc_layers)
+            self._fold_readout(dec)
+        self.to(dtype)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+        assert d == dec.latent_emb.weight.shape[1]
+
+    # -- construction -----------------------------------------------------------------------------
+    def _fold_tokens(self, dec: Decoder) -> None:
+        c = dec.config
+        d = c.dim
+        emb = dec.unit_emb.weight.detach()
+        add = emb[:, :d].clone()
+        if dec.stats_proj is not None:
+            s = dec.unit_scale
+            stats = torch.stack([torch.log(s), dec.unit_loc / s], dim=-1)
+            add = add + dec.stats_proj(stats)
+        self.register_buffer("unit_add", add)
+        self.register_buffer("unit_gain", 1.0 + emb[:, d:])
+        self.register_buffer("unit_loc", dec.unit_loc.detach().clone().unsqueeze(-1))
+        self.register_buffer("unit_inv_scale", (1.0 / dec.unit_scale.detach()).unsqueeze(-1))
+        self.value_emb = dec.value_emb
+        self.direct = dec.direct_proj is not None
+        if self.direct:
+            self.register_buffer("unit_direct", dec.direct_proj(emb))
+        # distinct rotary frequencies (pairs with omega 0 are not rotated)
+        omega = dec.rotary_emb.omega.detach()  # [dh / 2], one per pair
+        rot_pairs = torch.nonzero(omega != 0).flatten()
+        keep_pairs = torch.nonzero(omega == 0).flatten()
+        self.register_buffer("omega", omega[rot_pairs].clone())
+        self._rot_pairs, self._keep_pairs = rot_pairs, keep_pairs
+
+    def _fold_encoder(self, dec: Decoder) -> None:
+        """Token projection with rotate_half folded in; constant queries; output per latent."""
+        c = dec.config
+        atn = dec.enc_atn
+        if not atn.rotate_value:
+            raise NotImplementedError("the encoder's values are rotated in every Decoder")
+        d, dh, heads = c.dim, c.dim_head, atn.heads
+        inner = heads * dh
+        rot, keep = self._rot_pairs, self._keep_pairs
+        self.enc_norm_context = atn.norm_context
+        w_k, w_v = atn.to_kv.weight.detach().split(inner, dim=0)  # [inner, D] each
+        # keys and values get the same column layout, so one factor tensor serves both
+        k_side = _RotaryColumns([w_k[h * dh : (h + 1) * dh] for h in range(heads)], rot, keep)
+        v_side = _RotaryColumns([w_v[h * dh : (h + 1) * dh] for h in range(heads)], rot, keep)
+        self.register_buffer("enc_proj_k", k_side.proj)
+        self.register_buffer("enc_proj_v", v_side.proj)
+        self.register_buffer("enc_spread", k_side.spread)
+        # one cosine gives the factors: cos(t w) | cos(0 t) = 1 | cos(t w - pi / 2) = sin(t w)
+        w = self.omega
+        self.register_buffer("enc_freq", torch.cat([w, w.new_zeros(1), w]))
+        self.register_buffer(
+            "enc_phase", torch.cat([w.new_zeros(w.numel() + 1), w.new_full(w.shape, -math.pi / 2)])
+        )
+
+        # queries: the learned latents, normalised, projected, rotated at their positions, scaled
+        lat = dec.latent_emb.weight.detach()  # latent_index is arange(L)
+        n_lat = lat.shape[0]
+        q = atn.to_q(atn.norm(lat)).reshape(n_lat, heads, dh)  # [L, H, dh]
+        lat_rot = _rotation(dec.rotary_emb(dec.latent_timestamps), dh)  # [L, dh, dh]
+        q = torch.einsum("lhd,lde->hle", q, lat_rot) / math.sqrt(dh)  # [H, L, dh]
+        q_mat = lat.new_zeros(k_side.n_cols, heads * n_lat)
+        for h in range(heads):  # key head h, latents h*L ... h*L + L - 1
+            rows = k_side.col_head == h
+            q_mat[rows, h * n_lat : (h + 1) * n_lat] = q[h][:, k_side.col_dim[rows]].T
+        self.register_buffer("enc_queries", k_side.join @ q_mat)  # [n_proj, H * L]
+        # output: per latent i, sum over heads of O[h, i] @ Sel_h @ M(-t_i) @ Wo_h^T
+        inv_rot = _rotation(RotaryTimeEmbedding.invert(dec.rotary_emb(dec.latent_timestamps)), dh)
+        w_o = atn.to_out.weight.detach().T  # [inner, D]
+        out = lat.new_zeros(n_lat, heads, v_side.n_cols, d)
+        for h in range(heads):
+            sel = lat.new_zeros(v_side.n_cols, dh)
+            rows = torch.nonzero(v_side.col_head == h).flatten()  # value head h
+            sel[rows, v_side.col_dim[rows]] = 1.0
+            w_oh = w_o[h * dh : (h + 1) * dh]
+            out[:, h] = torch.einsum("cd,lde,ef->lcf", sel, inv_rot, w_oh)
+        out = torch.einsum("pc,lhcd->lhpd", v_side.join, out)  # [L, H, n_proj, D]
+        self.register_buffer("enc_out", out.reshape(n_lat, heads * v_side.n_proj, d))
+        self.register_buffer("enc_out_bias", atn.to_out.bias.detach().clone())
+        self.enc_heads = heads
+        self.register_buffer("latents0", lat.clone())
+        self.enc_ffn = dec.enc_ffn
+
+    def _fold_readout(self, dec: Decoder) -> None:
+        c = dec.config
+        atn = dec.dec_atn
+        dh, heads = c.dim_head, atn.heads
+        inner = heads * dh
+        n_tasks = len(self.task_names)
+        self.session_emb = dec.session_emb
+        self.register_buffer("query_gate", dec.query_session_gate.detach().clone())
+        self.register_buffer("task_queries", dec.task_emb.weight.detach().clone())
+        self.dec_norm = atn.norm
+        self.dec_norm_context = atn.norm_context
+        # queries at the window end: rotation and scale folded into to_q
+        q_emb = dec.rotary_emb(torch.tensor([c.window_s], dtype=torch.float64))
+        q_rot = _block_diag(_rotation(q_emb, dh)[0], heads)  # [inner, inner]
+        self.register_buffer("dec_q", (atn.to_q.weight.detach().T @ q_rot) / math.sqrt(dh))
+        # keys at the latents' positions: (x @ Wk) * cos + (x @ Wk Rh) * sin per latent
+        w_k, w_v = atn.to_kv.weight.detach().T.split(inner, dim=1)  # [D, inner] each
+        rh = _block_diag(_half_turn(dh), heads)
+        self.register_buffer("dec_k", w_k.contiguous())
+        self.register_buffer("dec_k_turn", (w_k @ rh).contiguous())
+        self.register_buffer("dec_v", w_v.contiguous())
+        # heads without transposes: 1 on a head's own dims [H, 1, inner]
+        mask = torch.zeros(heads, 1, inner, dtype=w_k.dtype)
+        for h in range(heads):
+            mask[h, 0, h * dh : (h + 1) * dh] = 1.0
+        self.register_buffer("dec_head_mask", mask)
+        cos, sin = dec.rotary_emb(dec.latent_timestamps).chunk(2, dim=-1)  # [L, dh]
+        self.register_buffer("dec_cos", cos.repeat(1, heads).contiguous())
+        self.register_buffer("dec_sin", sin.repeat(1, heads).contiguous())
+        if atn.rotate_value:
+            raise NotImplementedError("the readout's values are not rotated in any Decoder")
+        self.dec_to_out = atn.to_out
+        self.dec_heads = heads
+        self.dec_ffn = dec.dec_ffn
+        self.out_norm = dec.out_norm
+        self.heads = dec.heads
+        self.n_tasks = n_tasks
+
+    # -- inference --------------------------------------------------------------------------------
+    def encode(self, batch: Mapping[str, Tensor]) -> Tensor:
+        values, unit_index, mask = batch["values"], batch["unit_index"], batch["mask"]
+        b, n = unit_index.shape
+        emb = nn.functional.embedding
+        x = (values - emb(unit_index, self.unit_loc)) * emb(unit_index, self.unit_inv_scale)
+        tokens = emb(unit_index, self.unit_add) + emb(unit_index, self.unit_gain) * self.value_emb(
+            x
+        )
+        h = _layer_norm(self.enc_norm_context, tokens)
+        angles = batch["timestamps"].unsqueeze(-1) * self.enc_freq + self.enc_phase
+        factors = torch.cos(angles) @ self.enc_spread  # [B, N, n_proj]
+        scores = ((h @ self.enc_proj_k) * factors) @ self.enc_queries  # [B, N, H*L]
+        scores = scores.transpose(1, 2).masked_fill(~mask.unsqueeze(1), float("-inf"))
+        o = torch.softmax(scores, dim=-1) @ ((h @ self.enc_proj_v) * factors)  # [B, H*L, n_proj]
+        heads, n_lat = self.enc_heads, self.latents0.shape[0]
+        o = o.reshape(b, heads, n_lat, -1).transpose(1, 2).reshape(b, n_lat, 1, -1)
+        y = (o @ self.enc_out).squeeze(2) + self.enc_out_bias  # [B, L, D]
+        latents = self.latents0 + y
+        if self.direct:
+            m = mask.to(x.dtype)
+            w = x.mean(-1) * m / m.sum(1, keepdim=True).clamp_min(1.0)  # [B, N]
+            latents = latents + w.unsqueeze(1) @ emb(unit_index, self.unit_direct)
+        latents = latents + self.enc_ffn(latents)
+        for layer in self.layers:
+            latents = layer(latents)
+        return latents
+
+    def readout(self, latents: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """As ``Decoder.readout``; ``latents`` may also hold k variants of each window, rows
+        variant-major (``Tensor.repeat`` order), with ``session_index`` given once per window:
+        the output queries are then computed once per window and tiled."""
+        b, n_lat, _ = latents.shape
+        t = self.n_tasks
+        sess = batch["session_index"]
+        queries = self.session_emb(sess).unsqueeze(1) * self.query_gate
+        queries = queries + self.task_queries  # [b, T, D]
+        q = _layer_norm(self.dec_norm, queries) @ self.dec_q
+        reps = b // sess.shape[0]
+        queries, q = queries.repeat(reps, 1, 1), q.repeat(reps, 1, 1)
+        heads, mask = self.dec_heads, self.dec_head_mask
+        ln = _layer_norm(self.dec_norm_context, latents)
+        k = (ln @ self.dec_k) * self.dec_cos + (ln @ self.dec_k_turn) * self.dec_sin  # [B, L, HD]
+        v = ln @ self.dec_v
+        # each head's queries with the other heads' dims zeroed: one matmul for all heads
+        q = (q.unsqueeze(1) * mask).reshape(b, heads * t, -1)  # [B, H*T, inner]
+        a = torch.softmax(q @ k.transpose(1, 2), dim=-1)  # [B, H*T, L]
+        o = ((a @ v).reshape(b, heads, t, -1) * mask).sum(1)  # [B, T, inner]: heads concatenated
+        out = queries + self.dec_to_out(o)
+        out = out + self.dec_ffn(out)
+        out = self.out_norm(out)
+        return {name: self.heads[name](out[:, i]) for i, name in enumerate(self.task_names)}
+
+    def forward(
+        self,
+        values: Tensor,
+        unit_index: Tensor,
+        timestamps: Tensor,
+        mask: Tensor,
+        session_index: Tensor,
+    ) -> dict[str, Tensor]:
+        batch = {
+            "values": values,
+            "unit_index": unit_index,
+            "timestamps": timestamps,
+            "mask": mask,
+            "session_index": session_index,
+        }
+        return self.readout(self.encode(batch), batch)
+
+
+class _RotaryColumns:
+    """A projection's output columns laid out for rotation by per-token positions.
+
+    For heads' weights ``groups`` ([dh, D] each), the projection ``x @ proj`` gives, per head, the
+    rotated pairs' first and second elements ([A | B], F columns each), their ``rotate_half``
+    ([-B | A]) and the pairs that are not rotated (U). Multiplied by ``[cos(t w), 1, sin(t w)]
+    @ spread`` and summed by ``join``, the columns are the rotated head vectors, in the order
+    ``(col_head, col_dim)``; ``join`` is folded into whatever reads them."""
+
+    def __init__(self, groups: list[Tensor], rot: Tensor, keep: Tensor):
+        f, n_groups = int(rot.numel()), len(groups)
+        a_rows = [g[2 * rot] for g in groups]
+        b_rows = [g[2 * rot + 1] for g in groups]
+        keep_dims = torch.stack([2 * keep, 2 * keep + 1], dim=1).flatten()
+        w_ab = torch.cat(a_rows + b_rows)  # [2 G F, D]
+        w_turn = torch.cat([-r for r in b_rows] + a_rows)
+        w_u = torch.cat([g[keep_dims] for g in groups])
+        self.proj = torch.cat([w_ab, w_turn, w_u]).T.contiguous()  # [D, n_proj]
+        n_ab, n_u = int(w_ab.shape[0]), int(w_u.shape[0])
+        self.n_proj = 2 * n_ab + n_u
+        self.n_cols = n_ab + n_u
+        # factors: rows [cos of each pair's angle | 1 | sin of each pair's angle]
+        dt = w_ab.dtype
+        self.spread = torch.zeros(2 * f + 1, self.n_proj, dtype=dt)
+        for blk in range(2 * n_groups):  # [A | B] blocks of F columns
+            for p in range(f):
+                self.spread[p, blk * f + p] = 1.0
+                self.spread[f + 1 + p, n_ab + blk * f + p] = 1.0
+        self.spread[f, 2 * n_ab :] = 1.0
+        self.join = torch.zeros(self.n_proj, self.n_cols, dtype=dt)
+        self.join[torch.arange(n_ab), torch.arange(n_ab)] = 1.0
+        self.join[n_ab + torch.arange(n_ab), torch.arange(n_ab)] = 1.0
+        self.join[2 * n_ab + torch.arange(n_u), n_ab + torch.arange(n_u)] = 1.0
+        head, dim = [], []
+        for part in range(2):  # A then B
+            for g in range(n_groups):
+                head += [g] * f
+                dim += (2 * rot + part).tolist()
+        for g in range(n_groups):
+            head += [g] * int(keep_dims.numel())
+            dim += keep_dims.tolist()
+        self.col_head, self.col_dim = torch.tensor(head), torch.tensor(dim)
+
+
+class _FoldedSelfAttention(nn.Module):
+    """One processor layer (self-attention at the latents' constant positions, then FFN)."""
+
+    def __init__(self, dec: Decoder, atn: nn.Module, ffn: nn.Module):
+        super().__init__()
+        c = dec.config
+        dh, heads = c.dim_head, atn.heads
+        self.heads, self.dim_head = heads, dh
+        self.norm = atn.norm
+        w = atn.to_qkv.weight.detach().T.clone()  # [D, 3 inner]: q | k | v
+        inner = heads * dh
+        w[:, :inner] /= math.sqrt(dh)  # the attention scale, on the queries
+        rh = _block_diag(_half_turn(dh), 3 * heads)
+        self.register_buffer("proj", torch.cat([w, w @ rh], dim=1).contiguous())
+        cos, sin = dec.rotary_emb(dec.latent_timestamps).chunk(2, dim=-1)  # [L, dh]
+        self.rotate_value = bool(atn.rotate_value)
+        n_rot = 3 if self.rotate_value else 2
+        ones, zeros = torch.ones_like(cos), torch.zeros_like(sin)
+        cs = [cos.repeat(1, heads)] * n_rot + [ones.repeat(1, heads)] * (3 - n_rot)
+        sn = [sin.repeat(1, heads)] * n_rot + [zeros.repeat(1, heads)] * (3 - n_rot)
+        self.register_buffer("cos3", torch.cat(cs, dim=1).contiguous())
+        self.register_buffer("sin3", torch.cat(sn, dim=1).contiguous())
+        if self.rotate_value:  # the output goes back by each latent's own position
+            self.register_buffer("out_cos", cos.repeat(1, heads).contiguous())
+            self.register_buffer("out_sin", sin.repeat(1, heads).contiguous())
+            self.register_buffer("out_turn", _block_diag(_half_turn(dh), heads))
+        self.to_out = atn.to_out
+        self.ffn = ffn
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        heads, dh = self.heads, self.dim_head
+        qkv, turn = (_layer_norm(self.norm, x) @ self.proj).chunk(2, dim=-1)
+        qkv = qkv * self.cos3 + turn * self.sin3
+        q, k, v = qkv.reshape(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4)  # [B, H, L, dh] each
+        a = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+        o = (a @ v).transpose(1, 2).reshape(b, n, heads * dh)
+        if self.rotate_value:  # rotate by -t: cos, -sin
+            o = o * self.out_cos - (o @ self.out_turn) * self.out_sin
+        x = x + self.to_out(o)
+        return x + self.ffn(x)
