@@ -135,8 +135,14 @@ class DecoderModel:
             self._cfg = dict(cfg)
             if self.engine is not None and Path(self.engine.bundle.path) == Path(path):
                 return
+            st = self.settings
             eng = Engine(
-                path, name=name, threads=self.settings.threads, providers=self.settings.providers
+                path,
+                name=name,
+                threads=st.threads,
+                providers=st.providers,
+                trt_fp16=st.trt_fp16,
+                trt_cache_dir=st.resolved_trt_cache(),
             )
             self.engine, self._plans = eng, {}  # one assignment: a running batch keeps its engine
             log.info("serving %s %s from %s", eng.ref.name, eng.ref.version, path)

@@ -127,6 +127,8 @@ class Engine:
         name: str | None = None,
         threads: int = 1,
         providers: Sequence[str] | None = None,
+        trt_fp16: bool = False,
+        trt_cache_dir: str | Path | None = None,
     ):
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.bundle = b
@@ -168,7 +170,13 @@ class Engine:
             label_set=f"{b.version or 'unversioned'}/units-{units_sha}",
         )
         self.parent = b.parent or ""
-        self.session = ort_session(b.read_bytes(MODEL_FILE), threads, providers)
+        self.session = ort_session(
+            b.read_bytes(MODEL_FILE),
+            threads,
+            providers,
+            trt_fp16=trt_fp16,
+            trt_cache_dir=trt_cache_dir,
+        )
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         missing = {"units", "activations"} - set(self.output_names)

@@ -100,6 +100,10 @@ class ServiceSettings(Config):
     records: str = ""
     threads: int = Field(1, ge=1)
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+    # TensorRT provider (when listed and available): fp16 engines, and where built engines are
+    # cached ("" = <home>/trt-cache); the CUDA and CPU providers take no options
+    trt_fp16: bool = False
+    trt_cache_dir: str = ""
     max_batch_size: int = Field(16, ge=1)
     # 0: a batch is whatever queued while the previous one ran (batches form under load only)
     batch_wait_timeout_s: float = Field(0.0, ge=0.0)
@@ -120,6 +124,11 @@ class ServiceSettings(Config):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     quotas: QuotaSettings = Field(default_factory=QuotaSettings)
     tls: TLSSettings = Field(default_factory=TLSSettings)
+
+    def resolved_trt_cache(self) -> Path:
+        if self.trt_cache_dir:
+            return Path(self.trt_cache_dir)
+        return self.resolved_home() / "trt-cache"
 
     def resolved_home(self) -> Path:
         if self.home:

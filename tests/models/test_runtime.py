@@ -58,3 +58,20 @@ def test_the_disabled_fusion_is_not_applied(tmp_path):
     ort_session(path, threads=1, save_optimized=ours)
     kept = {n.op_type for n in onnx.load(str(ours)).graph.node}
     assert "SkipLayerNormalization" not in kept and "LayerNormalization" in kept
+
+
+def test_provider_options_for_tensorrt_cuda_and_cpu(tmp_path):
+    from models.runtime import CUDA, TENSORRT, provider_options
+
+    opts = dict(provider_options([TENSORRT, CUDA, CPU], trt_fp16=True, trt_cache_dir=tmp_path))
+    assert opts[TENSORRT]["trt_fp16_enable"] == "True"
+    assert opts[TENSORRT]["trt_engine_cache_enable"] == "True"
+    assert opts[TENSORRT]["trt_engine_cache_path"] == str(tmp_path)
+    assert opts[CUDA] == {} and opts[CPU] == {}
+    assert dict(provider_options([TENSORRT]))[TENSORRT] == {"trt_fp16_enable": "False"}
+    # on a build without them the session still opens, on CPU, and makes no cache directory
+    path = _add_layernorm_model(tmp_path / "m.onnx")
+    cache = tmp_path / "trt"
+    sess = ort_session(path, providers=[TENSORRT, CUDA, CPU], trt_fp16=True, trt_cache_dir=cache)
+    if TENSORRT not in ort.get_available_providers():
+        assert sess.get_providers() == [CPU] and not cache.exists()
