@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch_brain.nn import RotaryTimeEmbedding
 
-from models.decoder.model import Decoder
+from models.decoder.model import BATCH_KEYS, Decoder
 
 
 def _half_turn(dim_head: int, dtype: torch.dtype = torch.float64) -> Tensor:
@@ -253,21 +253,9 @@ class FoldedDecoder(nn.Module):
         out = self.out_norm(out)
         return {name: self.heads[name](out[:, i]) for i, name in enumerate(self.task_names)}
 
-    def forward(
-        self,
-        values: Tensor,
-        unit_index: Tensor,
-        timestamps: Tensor,
-        mask: Tensor,
-        session_index: Tensor,
-    ) -> dict[str, Tensor]:
-        batch = {
-            "values": values,
-            "unit_index": unit_index,
-            "timestamps": timestamps,
-            "mask": mask,
-            "session_index": session_index,
-        }
+    def forward(self, *inputs: Tensor) -> dict[str, Tensor]:
+        """Inputs in `BATCH_KEYS` order, as ``Decoder.forward``; logits per task."""
+        batch = dict(zip(BATCH_KEYS, inputs, strict=True))
         return self.readout(self.encode(batch), batch)
 
 
