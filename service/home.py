@@ -360,15 +360,16 @@ def default_interpret_config(seed: int = 0) -> InterpretConfig:
     interpret`` (two SAE seeds, both controls, BH-FDR, ablations, attribution agreement), with
     fewer SAE steps, ablation draws and attribution examples so the build stays in minutes.
 
-    SAEs: 1000 reconstruction steps then the pipeline's default end-to-end fine-tune (300 steps
-    of KL + FVU through the frozen decoder; an e2e step costs about two reconstruction steps),
-    about the time of the 1500 reconstruction-only steps used before, with the spliced decoder
-    much closer to the plain one."""
+    SAEs: 1000 reconstruction steps then 300 steps of the end-to-end fine-tune (KL + FVU through
+    the frozen decoder; an e2e step costs about two reconstruction steps; `cortexlens interpret`
+    runs 1000), about the time of the 1500 reconstruction-only steps used before, with the
+    spliced decoder much closer to the plain one."""
     from models.interpret.pipeline import InterpretConfig
 
     return InterpretConfig(
         seed=seed,
         steps=1000,
+        e2e_steps=300,
         n_seeds=2,
         n_perm=1000,
         ablation_draws=30,

@@ -99,10 +99,12 @@ class InterpretConfig(Config):
     sae_batch_size: int = Field(1024, ge=1, description="latent tokens per SAE step")
     lr: float = Field(1e-3, gt=0)
     e2e_steps: int = Field(
-        300,
+        1000,
         ge=0,
         description="end-to-end fine-tune steps of each SAE through its frozen decoder "
-        "(KL of the task outputs + FVU; models.sae.finetune_sae_e2e), 0: none",
+        "(KL of the task outputs + FVU; models.sae.finetune_sae_e2e), 0: none; on the "
+        "simulated corpus 300 -> 1000 steps took validation agreement of spliced and plain "
+        "direction predictions from 0.974 to 1.0 (test KL 0.0106 -> 0.0086)",
     )
     e2e_lr: float = Field(1e-3, gt=0, description="peak learning rate of the e2e fine-tune")
     e2e_kl_coeff: float = Field(

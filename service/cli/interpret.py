@@ -41,6 +41,13 @@ def interpret_cmd(
     ] = None,
     k: Annotated[int, typer.Option("--k", help="Active SAE units per latent token.")] = 32,
     steps: Annotated[int, typer.Option(help="SAE training steps.")] = 3000,
+    e2e_steps: Annotated[
+        int,
+        typer.Option(
+            "--e2e-steps",
+            help="End-to-end fine-tune steps of each SAE through the frozen decoder (KL + FVU).",
+        ),
+    ] = 1000,
     architecture: Annotated[
         Architecture, typer.Option(help="SAE architecture.")
     ] = Architecture.topk,
@@ -89,6 +96,7 @@ def interpret_cmd(
         sae_units=sae_units,
         k=k,
         steps=steps,
+        e2e_steps=e2e_steps,
         architecture=architecture.value,
         n_perm=n_perm,
         alpha=alpha,
