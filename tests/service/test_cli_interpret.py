@@ -10,8 +10,9 @@ from service.cli import main
 from tests.models.interpret.test_pipeline import make_recording, tiny_checkpoint
 
 TINY_ARGS = [
-    "--steps", "30", "--sae-units", "24", "--k", "4", "--n-perm", "20", "--ablation-draws", "3",
-    "--threads", "1", "--quiet", "--alpha", "0.2", "--max-unit-figures", "2",
+    "--steps", "30", "--e2e-steps", "6", "--sae-units", "24", "--k", "4", "--n-perm", "20",
+    "--ablation-draws", "3", "--threads", "1", "--quiet", "--alpha", "0.2",
+    "--max-unit-figures", "2",
 ]  # fmt: skip
 
 
@@ -40,6 +41,7 @@ def test_interpret_cli_writes_report_summary_and_units(park_ckpt, park_files, tm
     assert printed["report"] == str(out / "report.html")
     s = json.loads((out / "summary.json").read_text())
     assert set(s["sae"]) >= {"l0", "fvu", "dead_fraction"}
+    assert s["config"]["e2e_steps"] == 6 and s["config"]["steps"] == 30
     assert set(s["accuracy"]) == {"direction"}  # both sessions KO: no genetic task
     assert set(s["accuracy"]["direction"]) >= {"decoder", "spliced", "mean_ablation"}
     assert set(s["controls"]) >= {"random_init", "shuffled"}
