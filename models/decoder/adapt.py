@@ -76,13 +76,12 @@ def adapt_session(
     # normalisation of the new units only (known units keep theirs)
     new_units = np.flatnonzero(vocab.unit_index(rec.unit_ids) >= n_units_old)
     if new_units.size:
-        set_unit_stats(model, vocab, rec.replace(
+        new = rec.replace(
             traces=rec.traces[:, new_units], unit_ids=[rec.unit_ids[i] for i in new_units]
-        ))  # fmt: skip
+        )
+        set_unit_stats(model, vocab, new)
         if tcfg.tuning_init > 0:  # as in training: from the labelled trials given here
-            init_units_from_tuning(model, vocab, rec.replace(
-                traces=rec.traces[:, new_units], unit_ids=[rec.unit_ids[i] for i in new_units]
-            ), trials, tcfg.tuning_init)  # fmt: skip
+            init_units_from_tuning(model, vocab, new, trials, tcfg.tuning_init)
     model.eval()  # no dropout: the frozen network behaves as at inference
     for p in model.parameters():
         p.requires_grad_(False)

@@ -55,6 +55,12 @@ def _block_diag(m: Tensor, heads: int) -> Tensor:
     return out
 
 
+def _pairs(dec: Decoder) -> tuple[Tensor, Tensor]:
+    """Indices of the head's rotated pairs (frequency > 0) and of the pairs kept as they are."""
+    omega = dec.rotary_emb.omega.detach()  # [dh / 2], one per pair
+    return torch.nonzero(omega != 0).flatten(), torch.nonzero(omega == 0).flatten()
+
+
 def _layer_norm(ln: nn.LayerNorm, x: Tensor) -> Tensor:
     return nn.functional.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
@@ -72,8 +78,7 @@ class FoldedDecoder(nn.Module):
         c = dec.config
         self.config = c
         self.task_names = dec.task_names
-        d, dh = c.dim, c.dim_head
-        self.dim_head = dh
+        self.dim_head = c.dim_head
         with torch.no_grad():
             self._fold_tokens(dec)
             self._fold_encoder(dec)
@@ -83,7 +88,6 @@ class FoldedDecoder(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
-        assert d == dec.latent_emb.weight.shape[1]
 
     # -- construction -----------------------------------------------------------------------------
     def _fold_tokens(self, dec: Decoder) -> None:
@@ -104,11 +108,8 @@ class FoldedDecoder(nn.Module):
         if self.direct:
             self.register_buffer("unit_direct", dec.direct_proj(emb))
         # distinct rotary frequencies (pairs with omega 0 are not rotated)
-        omega = dec.rotary_emb.omega.detach()  # [dh / 2], one per pair
-        rot_pairs = torch.nonzero(omega != 0).flatten()
-        keep_pairs = torch.nonzero(omega == 0).flatten()
-        self.register_buffer("omega", omega[rot_pairs].clone())
-        self._rot_pairs, self._keep_pairs = rot_pairs, keep_pairs
+        rot, _ = _pairs(dec)
+        self.register_buffer("omega", dec.rotary_emb.omega.detach()[rot].clone())
 
     def _fold_encoder(self, dec: Decoder) -> None:
         """Token projection with rotate_half folded in; constant queries; output per latent."""
@@ -118,7 +119,7 @@ class FoldedDecoder(nn.Module):
             raise NotImplementedError("the encoder's values are rotated in every Decoder")
         d, dh, heads = c.dim, c.dim_head, atn.heads
         inner = heads * dh
-        rot, keep = self._rot_pairs, self._keep_pairs
+        rot, keep = _pairs(dec)
         self.enc_norm_context = atn.norm_context
         w_k, w_v = atn.to_kv.weight.detach().split(inner, dim=0)  # [inner, D] each
         # keys and values get the same column layout, so one factor tensor serves both

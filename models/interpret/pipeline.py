@@ -336,6 +336,7 @@ def _train_one(
         e2e_lr=cfg.e2e_lr,
         e2e_kl_coeff=cfg.e2e_kl_coeff,
     )
+    readout, frozen = None, []
     if tcfg.e2e_steps > 0:
         assert model is not None and session_index is not None
         model.eval()
@@ -346,15 +347,13 @@ def _train_one(
         def readout(z: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
             return model.readout(z, {"session_index": session_index[idx]})
 
-        try:
-            sae, hist = train_sae(
-                latents, scfg, tcfg, log_every=max(cfg.steps // 100, 1), readout=readout
-            )
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-    else:
-        sae, hist = train_sae(x, scfg, tcfg, log_every=max(cfg.steps // 100, 1))
+    try:
+        sae, hist = train_sae(
+            latents, scfg, tcfg, log_every=max(cfg.steps // 100, 1), readout=readout
+        )
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     mt = sae_metrics(sae, test_latents.reshape(-1, d_in))
     mtr = sae_metrics(sae, x)
     return SAERun(sae, hist.to_dict(), mt, mtr, seed)

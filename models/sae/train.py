@@ -289,7 +289,7 @@ def finetune_sae_e2e(
         x_n = sae.normalize(z.reshape(-1, cfg.d_in))
         dead = since_fired >= tc.dead_after_tokens
         out = sae.training_step(x_n, dead_mask=dead)
-        z_hat = sae.denormalize(out.acts @ sae.W_dec + sae.b_dec).reshape(z.shape)
+        z_hat = sae.decode(out.acts).reshape(z.shape)
         kl = output_kl(target, readout(z_hat, idx))
         if kl_weight is None:
             kl_weight = tc.e2e_kl_coeff
