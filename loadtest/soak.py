@@ -222,7 +222,6 @@ def run(argv: list[str], log=print) -> dict:
 
 
 def _run(a, seconds: float, log) -> dict:
-
     from service import server
 
     t_start = time.monotonic()
