@@ -154,6 +154,17 @@ class _Results:
                         [sessions[s][model] for s in have], n_boot=self.n_boot, seed=self.seed
                     )
                 )
+            # every model's mean over the sessions the decoder was scored on (genetic: the
+            # sessions it was not trained on), the like-for-like comparison when those differ
+            dec_sessions = [s for s in per_session if DECODER in per_session[s]]
+            same = {}
+            if dec_sessions and len(dec_sessions) < len(per_session):
+                for model in mean:
+                    have = [s for s in dec_sessions if model in per_session[s]]
+                    if len(have) == len(dec_sessions):
+                        same[model] = float(
+                            np.mean([per_session[s][model]["accuracy"] for s in have])
+                        )
             pooled = {}
             for model in mean:
                 have = [s for s in per_session if model in per_session[s] and s in sessions]
@@ -177,6 +188,7 @@ class _Results:
                 "mean_balanced_accuracy": mean_bal,
                 "mean_ci95": mean_ci,
                 "mean_n_sessions": n_sess,
+                **({"mean_on_decoder_sessions": same} if same else {}),
                 "per_session": per_session,
                 "pooled": pooled,
             }

@@ -386,7 +386,7 @@ def finetune_embeddings(
             batch, labels = make_train_batch(
                 items[s : s + tcfg.batch_size], sessions, tokenizer, tcfg, rng, scales
             )
-            loss = multitask_loss(model.forward_batch(batch), labels, weights, tcfg)
+            loss = multitask_loss(model.forward_batch(batch, blind=True), labels, weights, tcfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -506,7 +506,7 @@ def train(
             batch, labels = make_train_batch(
                 items[s : s + tcfg.batch_size], sessions, tokenizer, tcfg, rng, scales
             )
-            out_logits = model.forward_batch(batch)
+            out_logits = model.forward_batch(batch, blind=True)
             loss = multitask_loss(out_logits, labels, weights, tcfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()

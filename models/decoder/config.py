@@ -30,7 +30,7 @@ class DecoderConfig(Config):
         "embedding, averaged over tokens) to every latent",
     )
     unit_stats_input: bool = Field(
-        False,
+        True,
         description="add each unit's normalisation statistics (log robust scale, median over "
         "scale; label-free, from the unit's own frames) to its tokens, so the absolute level "
         "of activity the z-scoring removes stays readable (e.g. for genetic background)",
@@ -40,6 +40,22 @@ class DecoderConfig(Config):
         description="tasks whose output query leaves out the session embedding (task embedding "
         "only), e.g. ['genetic']: a session-level label then has to be read from the activity, "
         "not looked up from the session's identity",
+    )
+    identity_blind_tasks: list[str] = Field(
+        default_factory=lambda: ["genetic"],
+        description="tasks trained blind to the identity of the cells and session, e.g. "
+        "['genetic']: their query leaves out the session embedding (as session_free_tasks) and "
+        "their training loss comes from a second pass with the unit embeddings detached, so it "
+        "never reaches the unit or session embeddings: a session-level label cannot be written "
+        "into a session's own rows, as it cannot for a session whose embeddings are fitted "
+        "without it",
+    )
+    population_stats: bool = Field(
+        True,
+        description="add to every latent a projection of the mean over the window's cells of "
+        "their normalisation statistics (log robust scale, median over scale; label-free): a "
+        "permutation-invariant summary of the population's absolute activity, which the "
+        "per-cell z-scoring removes (e.g. for the genetic background of a new session)",
     )
     dropout: float = Field(0.2, ge=0, lt=1)
     emb_init_scale: float = Field(0.02, description="init std of session/task/latent rows")
@@ -125,6 +141,8 @@ LEGACY_DECODER: dict[str, object] = {
     "unit_stats_input": False,
     "unit_init_scale": 1.0,
     "session_free_tasks": [],
+    "identity_blind_tasks": [],
+    "population_stats": False,
 }
 LEGACY_TRAINING: dict[str, object] = {
     "emb_lr_mult": 1.0,

@@ -95,9 +95,9 @@ class FoldedDecoder(nn.Module):
         d = c.dim
         emb = dec.unit_emb.weight.detach()
         add = emb[:, :d].clone()
+        s = dec.unit_scale
+        stats = torch.stack([torch.log(s), dec.unit_loc / s], dim=-1)
         if dec.stats_proj is not None:
-            s = dec.unit_scale
-            stats = torch.stack([torch.log(s), dec.unit_loc / s], dim=-1)
             add = add + dec.stats_proj(stats)
         self.register_buffer("unit_add", add)
         self.register_buffer("unit_gain", 1.0 + emb[:, d:])
@@ -107,6 +107,11 @@ class FoldedDecoder(nn.Module):
         self.direct = dec.direct_proj is not None
         if self.direct:
             self.register_buffer("unit_direct", dec.direct_proj(emb))
+        # population statistics: the mean over cells of W s_u, then + b
+        self.population = dec.pop_proj is not None
+        if self.population:
+            self.register_buffer("unit_pop", stats @ dec.pop_proj.weight.T)
+            self.register_buffer("pop_bias", dec.pop_proj.bias.detach().clone())
         # distinct rotary frequencies (pairs with omega 0 are not rotated)
         rot, _ = _pairs(dec)
         self.register_buffer("omega", dec.rotary_emb.omega.detach()[rot].clone())
@@ -220,10 +225,15 @@ class FoldedDecoder(nn.Module):
         o = o.reshape(b, heads, n_lat, -1).transpose(1, 2).reshape(b, n_lat, 1, -1)
         y = (o @ self.enc_out).squeeze(2) + self.enc_out_bias  # [B, L, D]
         latents = self.latents0 + y
-        if self.direct:
+        if self.direct or self.population:
             m = mask.to(x.dtype)
-            w = x.mean(-1) * m / m.sum(1, keepdim=True).clamp_min(1.0)  # [B, N]
+            m = m / m.sum(1, keepdim=True).clamp_min(1.0)  # [B, N]
+        if self.direct:
+            w = x.mean(-1) * m
             latents = latents + w.unsqueeze(1) @ emb(unit_index, self.unit_direct)
+        if self.population:
+            pop = m.unsqueeze(1) @ emb(unit_index, self.unit_pop)  # [B, 1, D]
+            latents = latents + (pop + self.pop_bias)
         latents = latents + self.enc_ffn(latents)
         for layer in self.layers:
             latents = layer(latents)

@@ -75,6 +75,8 @@ class Decoder(nn.Module):
         self.direct_proj = nn.Linear(2 * d, d) if c.direct_path else None
         # optional: the unit's normalisation statistics as a token feature
         self.stats_proj = nn.Linear(2, d) if c.unit_stats_input else None
+        # optional: their mean over the window's cells, projected, added to every latent
+        self.pop_proj = nn.Linear(2, d) if c.population_stats else None
 
         # latents evenly along the window, (k + 1) * window / L: the last sits at the window end
         lat_t = torch.arange(1, c.num_latents + 1, dtype=torch.float32) * (
@@ -105,15 +107,19 @@ class Decoder(nn.Module):
         self.dec_ffn = FeedForward(d, c.ffn_mult, c.dropout)
         self.out_norm = nn.LayerNorm(d)
         self.heads = nn.ModuleDict({t: nn.Linear(d, c.tasks[t]) for t in self.task_names})
-        # 1 where a task's query carries the session embedding, 0 for `session_free_tasks`
-        use_sess = [0.0 if t in c.session_free_tasks else 1.0 for t in self.task_names]
+        # 1 where a task's query carries the session embedding, 0 for `session_free_tasks` and
+        # `identity_blind_tasks`
+        free = set(c.session_free_tasks) | set(c.identity_blind_tasks)
+        use_sess = [0.0 if t in free else 1.0 for t in self.task_names]
         self.register_buffer(
             "query_session_gate", torch.tensor(use_sess).unsqueeze(-1), persistent=False
         )
 
     # -- the two halves ---------------------------------------------------------------------------
-    def encode(self, batch: Mapping[str, Tensor]) -> Tensor:
-        """Tokens -> cross-attention -> self-attention stack: latents ``[B, L, D]``."""
+    def encode(self, batch: Mapping[str, Tensor], *, detach_units: bool = False) -> Tensor:
+        """Tokens -> cross-attention -> self-attention stack: latents ``[B, L, D]``.
+
+        ``detach_units``: the unit embedding rows enter as constants (same values, no gradient)."""
         values = batch["values"]
         unit_index = batch["unit_index"]
         mask = batch["mask"]
@@ -122,12 +128,15 @@ class Decoder(nn.Module):
         scale = self.unit_scale[unit_index].unsqueeze(-1)
         x = (values - loc) / scale
         emb = self.unit_emb(unit_index)
+        if detach_units:
+            emb = emb.detach()
         d = self.config.dim
         # token = e_u + (1 + g_u) * f(x): the gain lets each cell weigh its own response
         tokens = emb[..., :d] + (1.0 + emb[..., d:]) * self.value_emb(x)
-        if self.stats_proj is not None:
+        if self.stats_proj is not None or self.pop_proj is not None:
             s = scale.squeeze(-1)
-            stats = torch.stack([torch.log(s), loc.squeeze(-1) / s], dim=-1)
+            stats = torch.stack([torch.log(s), loc.squeeze(-1) / s], dim=-1)  # [B, N, 2]
+        if self.stats_proj is not None:
             tokens = tokens + self.stats_proj(stats)
         tok_pos = self.rotary_emb(batch["timestamps"])
 
@@ -139,6 +148,10 @@ class Decoder(nn.Module):
             m = mask.unsqueeze(-1).to(x.dtype)
             direct = self.direct_proj(emb) * x.mean(-1, keepdim=True) * m  # [B, N, D]
             latents = latents + (direct.sum(1) / m.sum(1).clamp_min(1.0)).unsqueeze(1)
+        if self.pop_proj is not None:
+            m = mask.unsqueeze(-1).to(x.dtype)
+            pop = (stats * m).sum(1) / m.sum(1).clamp_min(1.0)  # [B, 2]
+            latents = latents + self.pop_proj(pop).unsqueeze(1)
         latents = latents + self.enc_ffn(latents)
         for self_attn, ffn in self.proc_layers:
             latents = latents + self.dropout(self_attn(latents, lat_pos))
@@ -167,7 +180,13 @@ class Decoder(nn.Module):
         timestamps: Tensor,
         mask: Tensor,
         session_index: Tensor,
+        *,
+        blind: bool = False,
     ) -> dict[str, Tensor]:
+        """Logits per task. ``blind=True`` (training): the `identity_blind_tasks` take their
+        logits from a second pass with the unit embeddings detached (their queries leave out the
+        session embedding), so their loss reaches only the shared weights; every value is the
+        same as without it (dropout aside)."""
         batch = {
             "values": values,
             "unit_index": unit_index,
@@ -175,10 +194,17 @@ class Decoder(nn.Module):
             "mask": mask,
             "session_index": session_index,
         }
-        return self.readout(self.encode(batch), batch)
+        out = self.readout(self.encode(batch), batch)
+        blind_tasks = [t for t in self.config.identity_blind_tasks if t in out]
+        if blind and blind_tasks:
+            cut = self.readout(self.encode(batch, detach_units=True), batch)
+            out.update({t: cut[t] for t in blind_tasks})
+        return out
 
-    def forward_batch(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return self(*(batch[k] for k in BATCH_KEYS))
+    def forward_batch(
+        self, batch: Mapping[str, Tensor], *, blind: bool = False
+    ) -> dict[str, Tensor]:
+        return self(*(batch[k] for k in BATCH_KEYS), blind=blind)
 
     @torch.no_grad()
     def init_unit_rows(self, rows: Tensor) -> None:

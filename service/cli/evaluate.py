@@ -81,6 +81,14 @@ def print_report(report: dict) -> None:
             table.add_row(
                 "sessions in mean", "", *(str(t["mean_n_sessions"][m]) for m in models), style="dim"
             )
+        same = t.get("mean_on_decoder_sessions")
+        if same:
+            table.add_row(
+                "mean, decoder's sessions",
+                "",
+                *(f"{same[m]:.2f}" if m in same else "-" for m in models),
+                style="bold",
+            )
         table.add_row(
             "mean bal. acc.",
             "",

@@ -119,7 +119,11 @@ def _fit(
             chunk = items[b * global_bs : (b + 1) * global_bs][rank::world] or items[:1]
             batch, labels = make_train_batch(chunk, sessions, tokenizer, tcfg, aug, scales)
             out = net(
-                *(batch[k] for k in ("values", "unit_index", "timestamps", "mask", "session_index"))
+                *(
+                    batch[k]
+                    for k in ("values", "unit_index", "timestamps", "mask", "session_index")
+                ),
+                blind=True,
             )
             loss = multitask_loss(out, labels, weights, tcfg, every_head_in_graph=True)
             opt.zero_grad(set_to_none=True)

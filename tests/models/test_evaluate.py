@@ -237,6 +237,11 @@ def test_evaluate_real_tiny_decoder(park_recordings, tmp_path):
     for r in trained:
         assert "decoder" not in g["per_session"][r.session_id]
         assert "decoder_within_session_upper_bound" in g["per_session"][r.session_id]
+    # like for like: every model's mean over the decoder's (new) session alone
+    same = g["mean_on_decoder_sessions"]
+    for m in ("decoder", "logistic", "mlp"):
+        assert same[m] == g["per_session"][new.session_id][m]["accuracy"]
+    assert "mean_on_decoder_sessions" not in d  # the decoder is scored on every session there
     # trained sessions are scored on the checkpoint's own test trials
     from models.splits import load_splits
 

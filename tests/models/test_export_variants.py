@@ -35,7 +35,8 @@ def models():
     torch.manual_seed(0)
     cfg = DecoderConfig(
         dim=16, dim_head=8, depth=1, num_latents=4, n_units=60, n_sessions=2, tasks=TASKS,
-        dropout=0.0,
+        dropout=0.0, unit_stats_input=True, population_stats=True,
+        identity_blind_tasks=["genetic"],
     )  # fmt: skip
     dec = Decoder(cfg).eval()
     with torch.no_grad():  # non-trivial per-unit normalisation
@@ -89,7 +90,7 @@ def test_off_variant_matches_the_on_variant_in_pytorch(models):
             plain = off.decoder.forward_batch(batch)
         for t in sorted(TASKS):
             torch.testing.assert_close(b[f"{t}.logits"], a[f"{t}.logits"], rtol=0, atol=1e-5)
-            torch.testing.assert_close(b[f"{t}.logits"], plain[t], rtol=0, atol=1e-6)
+            torch.testing.assert_close(b[f"{t}.logits"], plain[t], rtol=0, atol=1e-5)
             torch.testing.assert_close(b[f"{t}.probs"].sum(1), torch.ones(len(plain[t])))
 
 

@@ -50,7 +50,7 @@ CASES = list(
     itertools.product(
         ["patch", "poyo"],  # tokenizer
         [True, False],  # direct_path
-        [False, True],  # unit_stats_input
+        [(False, False), (True, False), (False, True), (True, True)],  # stats: tokens, population
         [[], ["genetic"]],  # session_free_tasks
     )
 )
@@ -59,7 +59,11 @@ CASES = list(
 @pytest.mark.parametrize(("tokenizer", "direct", "stats", "free"), CASES)
 def test_folded_equals_decoder_in_float64(tokenizer, direct, stats, free):
     dec = _decoder(
-        tokenizer=tokenizer, direct_path=direct, unit_stats_input=stats, session_free_tasks=free
+        tokenizer=tokenizer,
+        direct_path=direct,
+        unit_stats_input=stats[0],
+        population_stats=stats[1],
+        session_free_tasks=free,
     ).double()
     folded = FoldedDecoder(dec)
     batch = _batch(dec, dtype=torch.float64)

@@ -197,7 +197,7 @@ def test_onnx_export_dynamo_matches_torch(small_recs, tmp_path, tokenizer, direc
 
 @pytest.mark.parametrize("free", [[], ["genetic"]])
 def test_session_free_task_queries_ignore_the_session_embedding(small_recs, free):
-    model, vocab = make_model(small_recs, session_free_tasks=free)
+    model, vocab = make_model(small_recs, session_free_tasks=free, identity_blind_tasks=[])
     with torch.no_grad():
         model.session_emb.weight.normal_(std=1.0)  # make the two sessions' rows differ
     batch = build_batch(
@@ -216,6 +216,68 @@ def test_session_free_task_queries_ignore_the_session_embedding(small_recs, free
     assert set(model.state_dict()) == set(make_model(small_recs)[0].state_dict())
 
 
+@pytest.mark.parametrize("blind", [[], ["genetic"]])
+def test_identity_blind_task_loss_never_reaches_the_embeddings(small_recs, blind):
+    model, vocab = make_model(small_recs, identity_blind_tasks=blind, direct_path=True)
+    with torch.no_grad():
+        model.session_emb.weight.normal_(std=1.0)  # the two sessions' rows differ
+    batch = build_batch(
+        small_recs[1], small_recs[1].trials.start[:3] + 1.0, tokenizer_for(model.config), vocab
+    )
+    other = {**batch, "session_index": torch.zeros_like(batch["session_index"])}
+    with torch.no_grad():  # the same values with the blind pass (eval: no dropout)
+        plain, cut = model.forward_batch(batch), model.forward_batch(batch, blind=True)
+        moved = model.forward_batch(other)
+    for t in plain:
+        torch.testing.assert_close(cut[t], plain[t], rtol=0, atol=0)
+    # a blind task's query leaves out the session embedding
+    assert torch.equal(plain["genetic"], moved["genetic"]) == bool(blind)
+
+    def grads(task):
+        model.zero_grad(set_to_none=True)
+        model.forward_batch(batch, blind=True)[task].square().sum().backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    g = grads("genetic")
+    vocab_rows = ("unit_emb.weight", "session_emb.weight")
+    assert all((g[n] is None or not g[n].any()) for n in vocab_rows) == bool(blind)
+    assert g["heads.genetic.weight"].abs().sum() > 0 and g["enc_atn.to_q.weight"].abs().sum() > 0
+    g = grads("direction")  # the other tasks still train the embeddings
+    assert all(g[n].abs().sum() > 0 for n in vocab_rows)
+
+
+def test_population_stats_path_reads_the_cells_normalisation_statistics(small_recs):
+    model, vocab = make_model(
+        small_recs, population_stats=True, unit_stats_input=False, direct_path=False
+    )
+    with torch.no_grad():
+        model.pop_proj.weight.normal_(std=1.0)
+    tok = tokenizer_for(model.config)
+    batch = build_batch(small_recs[1], small_recs[1].trials.start[:2] + 1.0, tok, vocab)
+    perm = torch.randperm(batch["unit_index"].shape[1])
+    shuffled = {k: (v[:, perm] if v.dim() >= 2 and k != "session_index" else v)
+                for k, v in batch.items()}  # fmt: skip
+    with torch.no_grad():
+        a, b = model.forward_batch(batch), model.forward_batch(shuffled)
+        # the same normalised values, but every cell's level and scale doubled: z-scores are
+        # unchanged, only the statistics (log scale) move
+        model.unit_loc.mul_(2.0)
+        model.unit_scale.mul_(2.0)
+        scaled = {**batch, "values": batch["values"] * 2.0}
+        c = model.forward_batch(scaled)
+        model.pop_proj = None  # without the path the doubling is invisible
+        d = model.forward_batch(scaled)
+    for t in a:
+        torch.testing.assert_close(a[t], b[t], rtol=1e-5, atol=1e-5)  # permutation invariant
+        assert not torch.allclose(a[t], c[t])
+    with torch.no_grad():
+        model.unit_loc.div_(2.0)
+        model.unit_scale.div_(2.0)
+        e = model.forward_batch(batch)
+    for t in a:
+        torch.testing.assert_close(d[t], e[t], rtol=1e-5, atol=1e-5)
+
+
 def test_saved_configs_without_new_keys_load_with_their_legacy_values(tmp_path):
     from models.decoder.config import LEGACY_DECODER, LEGACY_TRAINING
 
@@ -231,6 +293,7 @@ def test_saved_configs_without_new_keys_load_with_their_legacy_values(tmp_path):
     assert not loaded.decoder.direct_path and loaded.decoder.unit_init_scale == 1.0
     assert loaded.training.tuning_init == 0 and loaded.training.finetune_epochs == 0
     assert loaded.training.select_on == "accuracy" and loaded.training.emb_lr_mult == 1.0
+    assert loaded.decoder.identity_blind_tasks == []
     # today's defaults differ, and a config saved today round-trips with them
     assert new.decoder.direct_path and new.training.tuning_init > 0
     assert CheckpointConfig.load(new.save(tmp_path / "new.json")) == new
@@ -242,7 +305,7 @@ def test_saved_configs_without_new_keys_load_with_their_legacy_values(tmp_path):
 
 
 def test_unit_stats_input_makes_the_units_level_readable(small_recs):
-    model, vocab = make_model(small_recs, unit_stats_input=True)
+    model, vocab = make_model(small_recs, unit_stats_input=True, population_stats=False)
     batch = build_batch(
         small_recs[0], small_recs[0].trials.start[:2] + 1.0, tokenizer_for(model.config), vocab
     )
