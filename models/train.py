@@ -386,7 +386,13 @@ def finetune_embeddings(
             batch, labels = make_train_batch(
                 items[s : s + tcfg.batch_size], sessions, tokenizer, tcfg, rng, scales
             )
-            loss = multitask_loss(model.forward_batch(batch, blind=True), labels, weights, tcfg)
+            # blind tasks: their loss may only reach the shared weights, frozen here, so it
+            # has nothing to train; detached, it is the blind pass's value without a second pass
+            out = model.forward_batch(batch)
+            for t in model.config.identity_blind_tasks:
+                if t in out:
+                    out[t] = out[t].detach()
+            loss = multitask_loss(out, labels, weights, tcfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -144,12 +144,12 @@ class Decoder(nn.Module):
         lat_pos = self.rotary_emb(self.latent_timestamps).unsqueeze(0).expand(b, -1, -1)
 
         latents = latents + self.enc_atn(latents, tokens, lat_pos, tok_pos, mask)
-        if self.direct_proj is not None:
+        if self.direct_proj is not None or self.pop_proj is not None:
             m = mask.unsqueeze(-1).to(x.dtype)
+        if self.direct_proj is not None:
             direct = self.direct_proj(emb) * x.mean(-1, keepdim=True) * m  # [B, N, D]
             latents = latents + (direct.sum(1) / m.sum(1).clamp_min(1.0)).unsqueeze(1)
         if self.pop_proj is not None:
-            m = mask.unsqueeze(-1).to(x.dtype)
             pop = (stats * m).sum(1) / m.sum(1).clamp_min(1.0)  # [B, 2]
             latents = latents + self.pop_proj(pop).unsqueeze(1)
         latents = latents + self.enc_ffn(latents)
@@ -195,8 +195,8 @@ class Decoder(nn.Module):
             "session_index": session_index,
         }
         out = self.readout(self.encode(batch), batch)
-        blind_tasks = [t for t in self.config.identity_blind_tasks if t in out]
-        if blind and blind_tasks:
+        blind_tasks = [t for t in self.config.identity_blind_tasks if t in out] if blind else []
+        if blind_tasks:
             cut = self.readout(self.encode(batch, detach_units=True), batch)
             out.update({t: cut[t] for t in blind_tasks})
         return out

@@ -62,7 +62,7 @@ def _fit(
     import torch
 
     from models.decoder.config import DecoderConfig, TrainConfig
-    from models.decoder.model import Decoder
+    from models.decoder.model import BATCH_KEYS, Decoder
     from models.decoder.tokenizers import tokenizer_for
     from models.decoder.vocab import Vocab
     from models.decoder.windows import SessionData
@@ -118,13 +118,7 @@ def _fit(
                 raise _Stop()
             chunk = items[b * global_bs : (b + 1) * global_bs][rank::world] or items[:1]
             batch, labels = make_train_batch(chunk, sessions, tokenizer, tcfg, aug, scales)
-            out = net(
-                *(
-                    batch[k]
-                    for k in ("values", "unit_index", "timestamps", "mask", "session_index")
-                ),
-                blind=True,
-            )
+            out = net(*(batch[k] for k in BATCH_KEYS), blind=True)
             loss = multitask_loss(out, labels, weights, tcfg, every_head_in_graph=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
