@@ -123,6 +123,11 @@ class _Upstream(grpc.GenericRpcHandler):
         for m in it:
             yield m[::-1]
 
+    def refuse(self, it, ctx):
+        """Reads one message, then ends the call with an error while the client still writes."""
+        next(it)
+        ctx.abort_with_status(_Status(grpc.StatusCode.RESOURCE_EXHAUSTED, "quota: refused"))
+
     def hang(self, req: bytes, ctx):
         self._note(ctx)
         ctx.add_callback(self.hang_cancelled.set)
@@ -143,6 +148,8 @@ class _Upstream(grpc.GenericRpcHandler):
             return grpc.stream_stream_rpc_method_handler(self.bidi)
         if m == SVC + "Hang":
             return grpc.unary_stream_rpc_method_handler(self.hang)
+        if m == SVC + "Refuse":
+            return grpc.stream_stream_rpc_method_handler(self.refuse)
         return None
 
 
@@ -173,6 +180,7 @@ KINDS = {
     SVC + "Count": (False, True),
     SVC + "Bidi": (True, True),
     SVC + "Hang": (False, True),
+    SVC + "Refuse": (True, True),
 }
 
 
@@ -236,6 +244,25 @@ def test_bidirectional_stream(front, server_cert):
     with _channel(front, server_cert[0]) as ch:
         out = list(ch.stream_stream(SVC + "Bidi")(iter(msgs), timeout=10))
     assert out == [m[::-1] for m in msgs]
+
+
+def test_an_upstream_refusal_mid_stream_keeps_its_status(front, server_cert):
+    """The upstream ends a stream while the client is still writing: the client gets the
+    upstream's code, details and trailing metadata, never the INTERNAL "Internal error from
+    Core" that grpc.aio reports for the front's own write that failed because of that end."""
+    payload = b"x" * 4096
+    codes = []
+    with _channel(front, server_cert[0]) as ch:
+        refuse = ch.stream_stream(SVC + "Refuse")
+        for _ in range(60):
+            with pytest.raises(grpc.RpcError) as ei:
+                list(refuse(iter([payload] * 400), timeout=10))
+            e = ei.value
+            codes.append(e.code())
+            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                assert e.details() == "quota: refused"
+                assert dict(e.trailing_metadata())["x-error"] == "e1"
+    assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
 
 
 def test_client_cancel_cancels_the_upstream_call(front, upstream, server_cert):
