@@ -3,8 +3,10 @@
 In float64 the two must agree to rounding (1e-9): any mistake in a folded constant (rotation
 sign, pair order, head selection, scale, table) shows up as a difference of order one. The
 weights are perturbed away from their initialisation so that no term is near zero, the unit
-statistics are not the identity, and the timestamps are not all equal (the `poyo` tokenizer's
-tokens, and padding, carry different times).
+statistics are not the identity, and the timestamps are not all equal: `poyo` tokens (and
+padding) carry different times; `patch` windows each have their own time, shared by their tokens
+(the patch tokenizer's windows), with padding at other times, and the per-token path
+(``shared_time=False``) is checked on per-token times too.
 """
 
 from __future__ import annotations
@@ -34,10 +36,19 @@ def _decoder(seed: int = 0, **kw) -> Decoder:
     return dec
 
 
-def _batch(dec: Decoder, seed: int = 1, dtype=torch.float32) -> dict[str, torch.Tensor]:
+def _batch(
+    dec: Decoder, seed: int = 1, dtype=torch.float32, per_token: bool | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-token times (poyo, or ``per_token``), else one time per window (patch) with the
+    padding at random other times."""
     b = simulated_batch(dec, 3, 17, seed=seed, n_pad=4)
     g = torch.Generator().manual_seed(seed)
-    b["timestamps"] = b["timestamps"] + 0.3 * torch.rand(b["timestamps"].shape, generator=g)
+    if per_token is None:
+        per_token = dec.config.tokenizer != "patch"
+    jitter = torch.rand(b["timestamps"].shape, generator=g)
+    if not per_token:
+        jitter = torch.where(b["mask"], jitter[:, :1], jitter)
+    b["timestamps"] = b["timestamps"] + 0.3 * jitter
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in b.items()}
 
 
@@ -90,6 +101,31 @@ def test_folded_equals_decoder_for_other_shapes(shape):
         want = dec.forward_batch(batch)
         got = FoldedDecoder(dec)(*(batch[k] for k in BATCH_KEYS))
     assert _max_diff(want, got) < 1e-9
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_patch_per_token_path_and_shared_time_path(direct):
+    """The per-token rotation path still computes a patch decoder on tokens at any times; the
+    shared-time path (the patch default) equals it on windows whose tokens share a time."""
+    dec = _decoder(seed=5, tokenizer="patch", direct_path=direct).double()
+    general = FoldedDecoder(dec, shared_time=False)
+    shared = FoldedDecoder(dec)
+    assert shared.shared_time and not general.shared_time
+    with torch.no_grad():
+        b = _batch(dec, seed=6, dtype=torch.float64, per_token=True)
+        want = dec.forward_batch(b)
+        assert _max_diff(want, general(*(b[k] for k in BATCH_KEYS))) < 1e-9
+        b = _batch(dec, seed=7, dtype=torch.float64)
+        assert b["timestamps"][0, 0] != b["timestamps"][1, 0]  # windows at different times
+        want = dec.forward_batch(b)
+        assert _max_diff(want, shared(*(b[k] for k in BATCH_KEYS))) < 1e-9
+        assert _max_diff(want, general(*(b[k] for k in BATCH_KEYS))) < 1e-9
+
+
+def test_shared_time_refused_for_poyo_tokens():
+    with pytest.raises(ValueError, match="poyo tokens carry frame times"):
+        FoldedDecoder(_decoder(tokenizer="poyo"), shared_time=True)
+    assert not FoldedDecoder(_decoder(tokenizer="poyo")).shared_time
 
 
 def test_float32_folded_within_export_tolerance_and_dtype_kept():
