@@ -19,9 +19,9 @@ Genetic background (a per-session label) is scored across sessions only:
   leave-one-session-out);
 - ``decoder`` also on a session the checkpoint already knows through adaptation (its vocabulary
   records that the embedding was fitted without the genotype label);
-- ``decoder_within_session_upper_bound``: training sessions with their own embeddings. The output
-  queries carry the session embedding, so this is a lookup of session identity: an upper bound,
-  never the result;
+- ``decoder_within_session_upper_bound``: training sessions with their own embeddings. The model
+  saw these sessions with their genetic labels in training (with the session embedding in the
+  genetic query, unless the task is identity-blind), so this is an upper bound, never the result;
 - ``decoder_reembedded``: training sessions with fresh unit and session embeddings refitted from
   direction labels only (ids renamed so nothing is looked up). The shared weights did see the
   session with its genotype label in training, so this is optimistic; kept apart from ``decoder``;

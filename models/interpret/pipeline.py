@@ -758,6 +758,15 @@ def support_notes(res: InterpretResult) -> list[str]:
                 f"({rnd}) as the trained one ({d['n_significant']}): selectivity for "
                 f"'{var}' is largely inherited from the input, not learned."
             )
+        thr = d.get("threshold_random_init")
+        if thr is not None and np.isfinite(thr) and thr >= 1.0 - 1e-9:
+            notes.append(
+                f"'{var}': the random-init decoder's SAE units reach the ceiling of the primary "
+                f"statistic ({thr:.3f} at the control quantile): '{var}' is readable from an "
+                "untrained decoder's latent stream (the input carries it), so no unit of the "
+                f"trained decoder can beat that control ({d['n_significant']} pass the FDR test "
+                "alone)."
+            )
     n_test = int((res.table.split == "test").sum())
     for var, d in res.heldout.items():
         if d["n_labelled"]:
@@ -778,10 +787,10 @@ def support_notes(res: InterpretResult) -> list[str]:
             )
         if r.get("within_session_upper_bound"):
             notes.append(
-                f"{task}: the checkpoint was trained on these sessions with their genetic labels "
-                "and its output queries carry the session embedding, so this accuracy is a "
-                "within-session upper bound: it may read session identity rather than genetic "
-                "background from activity (mean-ablating the latents gives "
+                f"{task}: the checkpoint was trained on these sessions with their genetic labels, "
+                "so this accuracy is a within-session upper bound: it may rest on what identifies "
+                "these sessions rather than on a rule that carries to a new animal "
+                "(mean-ablating the latents gives "
                 f"{r.get('mean_ablation', float('nan')):.3f})."
             )
     for key, what in (("ablation", "all"), ("ablation_top", "the most selective")):

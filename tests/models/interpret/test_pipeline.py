@@ -20,6 +20,7 @@ from models.interpret.pipeline import (
     ground_truth_recovery,
     random_init_decoder,
     run_interpret,
+    support_notes,
     write_outputs,
 )
 from models.splits import split_all
@@ -175,6 +176,23 @@ def test_labels_and_controls_are_consistent(result):
         assert np.all(vr.primary_stat[m] > max(t["random_init"], t["shuffled"]))
     assert lab.reproduced is not None  # two SAE seeds
     assert lab.real.variables["genetic"].level == "session"
+
+
+def test_a_control_at_the_ceiling_is_said_plainly(result):
+    """When the random-init control's units reach the maximum of the primary statistic, no
+    trained unit can beat it: the report says why that variable has no labels."""
+    thr = result.labelling.thresholds["genetic"]
+    kept = thr["random_init"]
+    try:
+        thr["random_init"] = 1.0
+        notes = support_notes(result)
+    finally:
+        thr["random_init"] = kept
+    assert any(
+        "'genetic': the random-init decoder's SAE units reach the ceiling" in n for n in notes
+    )
+    if kept < 1.0:
+        assert not any("reach the ceiling" in n for n in support_notes(result))
 
 
 def test_write_outputs(result, tmp_path):
