@@ -233,7 +233,6 @@ class FoldedDecoder(nn.Module):
             x
         )
         h = _layer_norm(self.enc_norm_context, tokens)
-        m = mask.to(x.dtype)
         if self.shared_time:  # one rotation per window, moved off the tokens
             ts = batch["timestamps"]  # the window's time: a selection (exact), not a mean
             t = torch.where(mask, ts, ts.new_full((), -1e30)).amax(1, keepdim=True)  # [B, 1]
@@ -255,6 +254,7 @@ class FoldedDecoder(nn.Module):
         y = (o @ self.enc_out).squeeze(2) + self.enc_out_bias  # [B, L, D]
         latents = self.latents0 + y
         if self.direct or self.population:
+            m = mask.to(x.dtype)
             m = m / m.sum(1, keepdim=True).clamp_min(1.0)  # [B, N]
         if self.direct:
             w = x.mean(-1) * m
