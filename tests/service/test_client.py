@@ -521,30 +521,46 @@ def test_stream_blocks_window_stride_and_recording(serve):
 
 
 def test_stream_realtime_pacing(serve):
+    # Pacing is checked from the client's own send times (`sent_at`) against lower bounds that
+    # load cannot break: a paced block never leaves before its due time. Upper bounds are wide
+    # (seconds), so a busy machine cannot fail the test, while a client that did not pace, or
+    # paced a block-less stream at the wrong speed, still would.
     svc, target = serve()
-    # 16 frames at 30 Hz = 0.5 s of recording; at speed 2 about 0.25 s on the wire
+
+    def sent_offsets(**kw):
+        t_before = time.perf_counter()  # the client's clock starts after this
+        with Client(target) as c, c.stream(**kw) as s:
+            list(s)
+        n = len(kw["timestamps"])
+        return np.array([s.sent_at(i) - t_before for i in range(n)])
+
+    # 16 frames at 30 Hz, speed 2: frame k is due (k / 30) / 2 s after the stream starts
     kw, _ = _stream_kw(16, 4, rate=30.0, realtime=True, speed=2.0)
-    with Client(target) as c:
-        list(c.stream(**kw))
-        times = np.array([t for _, _, t in svc.blocks])
-        span = times[-1] - times[0]
-        assert 0.2 <= span < 1.0, span
-        gaps = np.diff(times)
-        assert np.median(gaps) == pytest.approx(1 / 60, abs=0.01)
+    ts = np.asarray(kw["timestamps"])
+    sent = sent_offsets(**kw)
+    due = (ts - ts[0]) / 2.0
+    assert np.all(sent >= due), (sent - due).tolist()
+    assert sent[-1] < due[-1] + 5.0, sent[-1]
+    assert [(i, n) for i, n, _ in svc.blocks] == [(i, 1) for i in range(16)]
 
-        svc.blocks.clear()
-        kw, _ = _stream_kw(16, 4, rate=30.0, realtime=False)
-        list(c.stream(**kw))
-        fast = svc.blocks[-1][2] - svc.blocks[0][2]
-        assert fast < span / 2, (fast, span)
+    # unpaced: a minute of recording (0.25 Hz) goes out without waiting for its timestamps
+    svc.blocks.clear()
+    kw, _ = _stream_kw(16, 4, rate=0.25, realtime=False)
+    sent = sent_offsets(**kw)
+    assert sent[-1] < 20.0, sent.tolist()
+    assert len(svc.blocks) == 16
 
-        # a block leaves when its last frame is due
-        svc.blocks.clear()
-        kw, _ = _stream_kw(12, 4, rate=30.0, realtime=True, speed=1.0, block_frames=4)
-        list(c.stream(**kw))
-        times = np.array([t for _, _, t in svc.blocks])
-        assert len(times) == 3
-        assert np.diff(times) == pytest.approx([4 / 30, 4 / 30], abs=0.05)
+    # a block leaves when its last frame is due: blocks of 4 frames at 30 Hz, speed 1
+    svc.blocks.clear()
+    kw, _ = _stream_kw(12, 4, rate=30.0, realtime=True, speed=1.0, block_frames=4)
+    ts = np.asarray(kw["timestamps"])
+    sent = sent_offsets(**kw)
+    assert [(i, n) for i, n, _ in svc.blocks] == [(0, 4), (4, 4), (8, 4)]
+    for b in range(3):
+        block = sent[4 * b : 4 * b + 4]
+        assert np.all(block == block[0])  # one message
+        assert block[0] >= ts[4 * b + 3] - ts[0], (b, block[0])
+    assert sent[-1] < ts[-1] - ts[0] + 5.0
 
 
 def test_stream_latency_is_send_to_prediction(serve):
@@ -556,7 +572,7 @@ def test_stream_latency_is_send_to_prediction(serve):
         lats = [it.latency_ms for it in s if it.kind == "prediction"]
     assert len(lats) == 6
     for lat in lats:
-        assert delay * 1000 * 0.9 <= lat < 500, lats
+        assert delay * 1000 * 0.9 <= lat < 5000, lats
     st = s.stats()
     assert [f for f, _ in st.latencies] == list(range(6))
     assert st.latency_percentiles()["max"] == pytest.approx(max(lats))
@@ -564,7 +580,8 @@ def test_stream_latency_is_send_to_prediction(serve):
 
 def test_server_error_ends_stream_and_sender(serve):
     svc, target = serve(abort_after_frames=5)
-    kw, _ = _stream_kw(300, 4, rate=30.0, realtime=True)  # 10 s if nothing stopped it
+    # 30 s if nothing stopped it; bounds below leave seconds of slack for a busy machine
+    kw, _ = _stream_kw(300, 4, rate=10.0, realtime=True)
     t0 = time.perf_counter()
     with Client(target) as c:
         s = c.stream(**kw)
@@ -572,12 +589,12 @@ def test_server_error_ends_stream_and_sender(serve):
         with pytest.raises(CortexlensError) as ei:
             for it in s:
                 got.append(it)
-    assert time.perf_counter() - t0 < 3.0
+    assert time.perf_counter() - t0 < 10.0
     assert ei.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert ei.value.details == "test server: refusing frames"
     assert s.wait_sender(2.0), "the sending thread did not stop"
     sent = s.stats().frames_sent
-    assert 5 <= sent < 20
+    assert 5 <= sent < 40
     time.sleep(0.2)
     assert s.stats().frames_sent == sent  # nothing more left after the call ended
     assert s.stats().error.startswith("StreamSession: INVALID_ARGUMENT")
@@ -598,7 +615,7 @@ def test_bad_frame_is_refused_by_the_server(serve):
 
 def test_stopping_early_cancels_the_call(serve):
     svc, target = serve()
-    kw, _ = _stream_kw(300, 4, rate=30.0, realtime=True)
+    kw, _ = _stream_kw(300, 4, rate=10.0, realtime=True)  # 30 s if nothing stopped it
     t0 = time.perf_counter()
     with Client(target) as c:
         with c.stream(**kw) as s:
@@ -609,8 +626,8 @@ def test_stopping_early_cancels_the_call(serve):
                     break
         assert s.wait_sender(2.0)
         assert svc.stream_done.wait(2.0), "the server still sees the call"
-    assert time.perf_counter() - t0 < 3.0
-    assert s.stats().frames_sent < 20
+    assert time.perf_counter() - t0 < 10.0
+    assert s.stats().frames_sent < 40
     assert s.stats().error is None
 
 
