@@ -810,18 +810,29 @@ def test_cli_stream_interrupt_prints_summary(serve, rec_file):
     path, _ = rec_file
     _, target = serve()
     exe = Path(sys.executable).parent / "cortexlens"
+    # The CLI must see SIGINT at its default (a shell's background job, as CI runs us, starts
+    # with it ignored, and exec keeps that). Reset by a launcher that execs the CLI, not by
+    # `preexec_fn`: that forces a plain fork() of this process, which has gRPC threads running
+    # (the test server), and gRPC's fork handlers then abort the child now and then
+    # ("epoll_wait error: Bad file descriptor", exit -6) before the CLI even starts.
+    launch = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    launch += "os.execv(sys.argv[1], sys.argv[1:])"
     p = subprocess.Popen(
-        [str(exe), "stream", str(path), "--target", target],  # real time: 3 s
-        stdout=subprocess.PIPE,
+        [sys.executable, "-c", launch, str(exe), "stream", str(path), "--target", target],
+        stdout=subprocess.PIPE,  # real time: 3 s
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         lines = []
         while not any(ln.startswith("frame      5 ") for ln in lines):
             line = p.stdout.readline()
-            assert line, "the stream ended before frame 5"
+            if not line:
+                p.wait(timeout=30)
+                raise AssertionError(
+                    f"the stream ended before frame 5 (exit {p.returncode}): "
+                    f"{''.join(lines)}\n{p.stderr.read()}"
+                )
             lines.append(line)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=30)
