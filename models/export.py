@@ -21,7 +21,8 @@ of logit ``c`` when unit ``units[b, m]`` is zeroed (all classes, so a client can
 the predicted class, or any other); ``unexplained[b, c]`` = SAE error term + SAE bias (all units
 off, includes the readout's bias) + units outside the top M and the non-additivity of the
 non-linear readout, so that ``attributions.sum(1) + unexplained == logits`` exactly (up to float
-rounding). All M + 3 readout variants go through the readout in one batched call inside the graph.
+rounding). The M + 1 readout rows per window (the latents, and the latents with each of the M
+units removed) go through the readout in one batched call inside the graph.
 
 Graph inputs (the `collate` batch keys; B and N dynamic; N = tokens, i.e. cells for the ``patch``
 tokenizer, frames x cells for ``poyo``)::
@@ -162,7 +163,7 @@ class ExplainedDecoder(nn.Module):
             k = z.shape[0] // b
             return self.core.readout(z, {"session_index": tile_rows(session_index, k)})
 
-        r = ablation_attribution(self.sae, x, readout, m)
+        r = ablation_attribution(self.sae, x, readout, m, terms=False)  # outputs: no terms
         outs: list[Tensor] = [r.units, r.activations]
         for t in self.task_names:
             lg = r.logits[t]

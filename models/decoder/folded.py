@@ -23,6 +23,15 @@ that an exported ONNX graph has few, large nodes instead of many small ones:
   instead of two D x 2*inner projections, a cosine spread and a score product (~4x fewer
   multiply-adds per token for the default sizes). The window's time is read from its tokens
   (the latest unmasked one), so the result is exact for any windows whose tokens share a time.
+- Latents (constant positions) are carried latent-major ([L, B, D]) through the encoder's output
+  and the processor, so that every per-latent matrix is one batched product over the L latents:
+  the encoder's output side, each processor layer's projection with its latent's rotation
+  folded in ([L, D, 3 * inner]: no cosine / sine products) and its output with the rotation
+  back folded in ([L, inner, D]).
+- Readout: the keys' rotation is folded per latent ([L, D, inner]); values and output
+  projection are one [H * D, D] matrix (``(a_h LN(x)) (Wv_h Wo_h)`` summed over heads), applied
+  to the attention-weighted latents, so no value vectors are formed. This matters most for
+  attributions, where every window goes through the readout M + 1 times.
 
 It holds copies of the weights it needs (buffers, no parameters): build it from a trained
 decoder, use it for inference and export, never train it. Only the `Decoder` is saved.
@@ -200,23 +209,27 @@ class FoldedDecoder(nn.Module):
         q_emb = dec.rotary_emb(torch.tensor([c.window_s], dtype=torch.float64))
         q_rot = _block_diag(_rotation(q_emb, dh)[0], heads)  # [inner, inner]
         self.register_buffer("dec_q", (atn.to_q.weight.detach().T @ q_rot) / math.sqrt(dh))
-        # keys at the latents' positions: (x @ Wk) * cos + (x @ Wk Rh) * sin per latent
+        # keys at the latents' positions, one matrix per latent [L, D, inner]:
+        # x @ (Wk * cos_l + (Wk Rh) * sin_l) == (x @ Wk) * cos_l + (x @ Wk Rh) * sin_l
         w_k, w_v = atn.to_kv.weight.detach().T.split(inner, dim=1)  # [D, inner] each
         rh = _block_diag(_half_turn(dh), heads)
-        self.register_buffer("dec_k", w_k.contiguous())
-        self.register_buffer("dec_k_turn", (w_k @ rh).contiguous())
-        self.register_buffer("dec_v", w_v.contiguous())
+        cos, sin = dec.rotary_emb(dec.latent_timestamps).chunk(2, dim=-1)  # [L, dh]
+        c_l, s_l = cos.repeat(1, heads), sin.repeat(1, heads)  # [L, inner]
+        self.register_buffer(
+            "dec_k", (w_k * c_l[:, None, :] + (w_k @ rh) * s_l[:, None, :]).contiguous()
+        )
         # heads without transposes: 1 on a head's own dims [H, 1, inner]
         mask = torch.zeros(heads, 1, inner, dtype=w_k.dtype)
         for h in range(heads):
             mask[h, 0, h * dh : (h + 1) * dh] = 1.0
         self.register_buffer("dec_head_mask", mask)
-        cos, sin = dec.rotary_emb(dec.latent_timestamps).chunk(2, dim=-1)  # [L, dh]
-        self.register_buffer("dec_cos", cos.repeat(1, heads).contiguous())
-        self.register_buffer("dec_sin", sin.repeat(1, heads).contiguous())
         if atn.rotate_value:
             raise NotImplementedError("the readout's values are not rotated in any Decoder")
-        self.dec_to_out = atn.to_out
+        # values and output projection, per head: o_t = sum_h (a_ht @ LN(x)) @ (Wv_h Wo_h)
+        w_o = atn.to_out.weight.detach().T  # [inner, D]
+        w_vo = [w_v[:, h * dh : (h + 1) * dh] @ w_o[h * dh : (h + 1) * dh] for h in range(heads)]
+        self.register_buffer("dec_vo", torch.cat(w_vo, dim=0).contiguous())  # [H * D, D]
+        self.register_buffer("dec_out_bias", atn.to_out.bias.detach().clone())
         self.dec_heads = heads
         self.dec_ffn = dec.dec_ffn
         self.out_norm = dec.out_norm
@@ -250,22 +263,23 @@ class FoldedDecoder(nn.Module):
         else:
             o = a @ ((h @ self.enc_proj_v) * factors)
         heads, n_lat = self.enc_heads, self.latents0.shape[0]
-        o = o.reshape(b, heads, n_lat, -1).transpose(1, 2).reshape(b, n_lat, 1, -1)
-        y = (o @ self.enc_out).squeeze(2) + self.enc_out_bias  # [B, L, D]
-        latents = self.latents0 + y
+        # latent-major from here on ([L, B, D]): every per-latent matrix is one batched GEMM
+        # over the L latents (B rows each) instead of B * L single-row products
+        o = o.reshape(b, heads, n_lat, -1).permute(2, 0, 1, 3).reshape(n_lat, b, -1)
+        latents = self.latents0.unsqueeze(1) + (o @ self.enc_out + self.enc_out_bias)
         if self.direct or self.population:
             m = mask.to(x.dtype)
             m = m / m.sum(1, keepdim=True).clamp_min(1.0)  # [B, N]
         if self.direct:
             w = x.mean(-1) * m
-            latents = latents + w.unsqueeze(1) @ emb(unit_index, self.unit_direct)
+            latents = latents + (w.unsqueeze(1) @ emb(unit_index, self.unit_direct)).transpose(0, 1)
         if self.population:
             pop = m.unsqueeze(1) @ emb(unit_index, self.unit_pop)  # [B, 1, D]
-            latents = latents + (pop + self.pop_bias)
+            latents = latents + (pop + self.pop_bias).transpose(0, 1)
         latents = latents + self.enc_ffn(latents)
         for layer in self.layers:
             latents = layer(latents)
-        return latents
+        return latents.transpose(0, 1)  # [B, L, D]
 
     def readout(self, latents: Tensor, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """As ``Decoder.readout``; ``latents`` may also hold k variants of each window, rows
@@ -280,14 +294,13 @@ class FoldedDecoder(nn.Module):
         reps = b // sess.shape[0]
         queries, q = queries.repeat(reps, 1, 1), q.repeat(reps, 1, 1)
         heads, mask = self.dec_heads, self.dec_head_mask
-        ln = _layer_norm(self.dec_norm_context, latents)
-        k = (ln @ self.dec_k) * self.dec_cos + (ln @ self.dec_k_turn) * self.dec_sin  # [B, L, HD]
-        v = ln @ self.dec_v
+        ln = _layer_norm(self.dec_norm_context, latents)  # [B, L, D]
+        k = (ln.transpose(0, 1) @ self.dec_k).permute(1, 2, 0)  # [B, inner, L], rotated
         # each head's queries with the other heads' dims zeroed: one matmul for all heads
         q = (q.unsqueeze(1) * mask).reshape(b, heads * t, -1)  # [B, H*T, inner]
-        a = torch.softmax(q @ k.transpose(1, 2), dim=-1)  # [B, H*T, L]
-        o = ((a @ v).reshape(b, heads, t, -1) * mask).sum(1)  # [B, T, inner]: heads concatenated
-        out = queries + self.dec_to_out(o)
+        a = torch.softmax(q @ k, dim=-1)  # [B, H*T, L]
+        ctx = (a @ ln).reshape(b, heads, t, -1).transpose(1, 2).reshape(b, t, -1)  # [B, T, H*D]
+        out = queries + (ctx @ self.dec_vo + self.dec_out_bias)
         out = out + self.dec_ffn(out)
         out = self.out_norm(out)
         return {name: self.heads[name](out[:, i]) for i, name in enumerate(self.task_names)}
@@ -343,10 +356,15 @@ class _RotaryColumns:
 
 
 class _FoldedSelfAttention(nn.Module):
-    """One processor layer (self-attention at the latents' constant positions, then FFN)."""
+    """One processor layer (self-attention at the latents' constant positions, then FFN), on
+    latent-major latents [L, B, D]: each latent's rotation is folded into its own projection
+    ([L, D, 3 * inner], the attention scale on the queries) and the rotation of its output back
+    by its own position into its own output matrix ([L, inner, D])."""
 
     def __init__(self, dec: Decoder, atn: nn.Module, ffn: nn.Module):
         super().__init__()
+        if not atn.rotate_value:
+            raise NotImplementedError("the processor's values are rotated in every Decoder")
         c = dec.config
         dh, heads = c.dim_head, atn.heads
         self.heads, self.dim_head = heads, dh
@@ -354,32 +372,25 @@ class _FoldedSelfAttention(nn.Module):
         w = atn.to_qkv.weight.detach().T.clone()  # [D, 3 inner]: q | k | v
         inner = heads * dh
         w[:, :inner] /= math.sqrt(dh)  # the attention scale, on the queries
-        rh = _block_diag(_half_turn(dh), 3 * heads)
-        self.register_buffer("proj", torch.cat([w, w @ rh], dim=1).contiguous())
         cos, sin = dec.rotary_emb(dec.latent_timestamps).chunk(2, dim=-1)  # [L, dh]
-        self.rotate_value = bool(atn.rotate_value)
-        n_rot = 3 if self.rotate_value else 2
-        ones, zeros = torch.ones_like(cos), torch.zeros_like(sin)
-        cs = [cos.repeat(1, heads)] * n_rot + [ones.repeat(1, heads)] * (3 - n_rot)
-        sn = [sin.repeat(1, heads)] * n_rot + [zeros.repeat(1, heads)] * (3 - n_rot)
-        self.register_buffer("cos3", torch.cat(cs, dim=1).contiguous())
-        self.register_buffer("sin3", torch.cat(sn, dim=1).contiguous())
-        if self.rotate_value:  # the output goes back by each latent's own position
-            self.register_buffer("out_cos", cos.repeat(1, heads).contiguous())
-            self.register_buffer("out_sin", sin.repeat(1, heads).contiguous())
-            self.register_buffer("out_turn", _block_diag(_half_turn(dh), heads))
-        self.to_out = atn.to_out
+        c_l, s_l = cos.repeat(1, heads), sin.repeat(1, heads)  # [L, inner]
+        # x @ (W * cos_l + (W Rh) * sin_l) == (x @ W) * cos_l + (x @ W Rh) * sin_l
+        rh3 = _block_diag(_half_turn(dh), 3 * heads)
+        cs, sn = c_l.repeat(1, 3), s_l.repeat(1, 3)  # q | k | v
+        self.register_buffer("proj", (w * cs[:, None, :] + (w @ rh3) * sn[:, None, :]).contiguous())
+        # back by each latent's own position (o * cos - (o Rh) * sin), then the output projection
+        rh = _block_diag(_half_turn(dh), heads)
+        back = torch.diag_embed(c_l) - rh[None] * s_l[:, None, :]  # [L, inner, inner]
+        self.register_buffer("out", (back @ atn.to_out.weight.detach().T).contiguous())
+        self.register_buffer("out_bias", atn.to_out.bias.detach().clone())
         self.ffn = ffn
 
     def forward(self, x: Tensor) -> Tensor:
-        b, n, _ = x.shape
+        n, b, _ = x.shape  # [L, B, D]
         heads, dh = self.heads, self.dim_head
-        qkv, turn = (_layer_norm(self.norm, x) @ self.proj).chunk(2, dim=-1)
-        qkv = qkv * self.cos3 + turn * self.sin3
-        q, k, v = qkv.reshape(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4)  # [B, H, L, dh] each
+        qkv = _layer_norm(self.norm, x) @ self.proj  # [L, B, 3 inner], rotated
+        q, k, v = qkv.reshape(n, b, 3, heads, dh).permute(2, 1, 3, 0, 4)  # [B, H, L, dh] each
         a = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
-        o = (a @ v).transpose(1, 2).reshape(b, n, heads * dh)
-        if self.rotate_value:  # rotate by -t: cos, -sin
-            o = o * self.out_cos - (o @ self.out_turn) * self.out_sin
-        x = x + self.to_out(o)
+        o = (a @ v).permute(2, 0, 1, 3).reshape(n, b, heads * dh)  # [L, B, inner]
+        x = x + (o @ self.out + self.out_bias)
         return x + self.ffn(x)

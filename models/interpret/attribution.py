@@ -114,27 +114,36 @@ def _decompose(sae: SparseAutoencoder, x: Tensor, m: int) -> _Decomposition:
 
 
 def ablation_attribution(
-    sae: SparseAutoencoder, x: Tensor, readout: Readout, m: int
+    sae: SparseAutoencoder, x: Tensor, readout: Readout, m: int, *, terms: bool = True
 ) -> Attribution:
-    """Exact ablation attribution for the M most active units, one batched readout call."""
+    """Exact ablation attribution for the M most active units, one batched readout call.
+
+    ``terms=False`` leaves out the error / bias / rest decomposition (and the two readout rows per
+    window, reconstruction and bias alone, that it needs): ``terms`` is then empty and the
+    logits minus the attributions' sum is all that is left of the logit (what the exported graph
+    returns as ``unexplained``)."""
     b, n_tok, d = x.shape
     idx, vals, x_hat, contrib, bias = _decompose(sae, x, m)
     ablated = (x[:, None] - contrib).transpose(0, 1).reshape(m * b, n_tok, d)  # variant-major
-    z = torch.cat([x, x_hat, bias, ablated], dim=0)  # [(M + 3) B, L, D]
+    rows = [x, x_hat, bias, ablated] if terms else [x, ablated]
+    z = torch.cat(rows, dim=0)  # [(M + 3) B, L, D] or [(M + 1) B, L, D]
     out = _as_dict(readout(z))
-    logits, attributions, terms = {}, {}, {}
+    n_pre = len(rows) - 1
+    logits, attributions, parts = {}, {}, {}
     for task, lg in out.items():
-        lg = lg.reshape(m + 3, b, -1)
-        f_x, f_hat, f_bias = lg[0], lg[1], lg[2]
-        attr = (f_x[None] - lg[3:]).transpose(0, 1)  # [B, M, C]
+        lg = lg.reshape(m + n_pre, b, -1)
+        f_x = lg[0]
+        attr = (f_x[None] - lg[n_pre:]).transpose(0, 1)  # [B, M, C]
         logits[task] = f_x
         attributions[task] = attr
-        terms[task] = {
-            "error": f_x - f_hat,
-            "bias": f_bias,
-            "rest": f_hat - f_bias - attr.sum(1),
-        }
-    return Attribution("ablation", idx, vals, logits, attributions, terms)
+        if terms:
+            f_hat, f_bias = lg[1], lg[2]
+            parts[task] = {
+                "error": f_x - f_hat,
+                "bias": f_bias,
+                "rest": f_hat - f_bias - attr.sum(1),
+            }
+    return Attribution("ablation", idx, vals, logits, attributions, parts)
 
 
 def _grads(z: Tensor, out: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -70,6 +70,29 @@ def test_batched_ablation_equals_separate_runs():
     assert (res.activations[:, :-1] >= res.activations[:, 1:]).all()
 
 
+def test_ablation_without_terms_runs_fewer_rows_and_gives_the_same_attributions():
+    sae, x = _setup(3)
+    mlp = MLP(torch.randn(B, L * D))
+    m = 5
+    rows = []
+
+    def readout(z):
+        rows.append(z.shape[0])
+        return mlp(z)
+
+    with torch.no_grad():
+        full = ablation_attribution(sae, x, readout, m)
+        lean = ablation_attribution(sae, x, readout, m, terms=False)
+    assert rows == [(m + 3) * B, (m + 1) * B]
+    assert lean.terms == {} and set(full.terms) == {"direction", "genetic"}
+    assert torch.equal(lean.units, full.units) and torch.equal(lean.activations, full.activations)
+    for task in ("direction", "genetic"):
+        torch.testing.assert_close(lean.logits[task], full.logits[task], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            lean.attributions[task], full.attributions[task], atol=1e-6, rtol=1e-6
+        )
+
+
 @pytest.mark.parametrize("method", ["ablation", "grad", "ig"])
 def test_terms_add_up_to_logit(method):
     sae, x = _setup(1)
