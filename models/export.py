@@ -45,7 +45,7 @@ Graph outputs (``T`` = each task name, sorted; C = the task's classes, M = ``top
 ``ExplainedDecoder(..., attributions=False)`` is the attribution-off variant (for latency
 comparisons, and clients that only need the prediction and which units were active): the same
 inputs, and only ``units``, ``activations``, ``<T>.logits`` and ``<T>.probs`` (the SAE encoder
-still runs, the M + 3 readout variants do not; the logits are the readout of the decoder's
+still runs, the M ablated readout rows do not; the logits are the readout of the decoder's
 latents, which is what the SAE spliced with its error term gives). `export_onnx` exports
 either; bundles (`export_bundle`) always hold the default attribution-on graph.
 

@@ -15,7 +15,7 @@ logit exactly, up to float rounding, by construction; the question is what each 
 
 - ``ablation`` (default, exact): ``attr_u = f(x) - f(x - c_u)``, the logit change when the unit
   is ablated, for all M units in ONE readout call on a stacked batch of M + 3 variants
-  (``x``, ``x_hat``, ``bias``, and ``x - c_u`` per unit). Terms:
+  (``x``, ``x_hat``, ``bias``, and ``x - c_u`` per unit; M + 1 without ``terms``). Terms:
   ``error = f(x) - f(x_hat)``, ``bias = f(bias)`` (every unit off, no error; includes the
   readout's own bias), ``rest = f(x_hat) - f(bias) - sum_M attr_u`` (units outside the top M
   *and* the non-additivity of a non-linear readout: ablation effects of a non-linear readout
