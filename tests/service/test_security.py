@@ -289,7 +289,13 @@ def _client(secured) -> Client:
 def test_a_stream_flooding_far_above_its_declared_rate_is_refused(secured):
     before = _metric(secured, "cortexlens_quota_refusals_total", quota="frame_rate")
     with _client(secured) as c:
-        s = c.stream(session_id="q-flood", realtime=False, **_unknown_cells("flood", 400, 2))
+        # blocks of 15 frames (the fixture's largest is 16): four fit the 60-frame burst and the
+        # fifth is over the ceiling unless the server took > 1/4 s per block. (With one frame a
+        # message, a server slowed to > 1/60 s per message by a busy machine refills the bucket
+        # as fast as the client drains it and the flood is no flood: it failed so once in a
+        # CI-like run.)
+        kw = _unknown_cells("flood", 400, 2)
+        s = c.stream(session_id="q-flood", realtime=False, block_frames=15, **kw)
         with pytest.raises(CortexlensError) as ei:
             list(s)
         assert ei.value.code == C.RESOURCE_EXHAUSTED
