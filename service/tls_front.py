@@ -351,8 +351,9 @@ class TLSFront:
         }
 
     @staticmethod
-    async def _relay_initial(call, context) -> None:
-        md = _forwardable(await call.initial_metadata())
+    async def _send_initial(metadata, context) -> None:
+        """The upstream's initial metadata, forwardable part, to the client (if any)."""
+        md = _forwardable(metadata)
         if md:
             await context.send_initial_metadata(md)
 
@@ -364,7 +365,7 @@ class TLSFront:
     async def _unary(self, method: str, request: bytes, context) -> bytes:
         call = self._channel.unary_unary(method)(request, **self._call_kw(context))
         try:
-            await self._relay_initial(call, context)
+            await self._send_initial(await call.initial_metadata(), context)
             resp = await call
             context.set_trailing_metadata(_forwardable(await call.trailing_metadata()))
             return resp
@@ -393,9 +394,7 @@ class TLSFront:
         pump = asyncio.ensure_future(pipe.fill(request_iterator, loop, self._pool))
         blocking = functools.partial(loop.run_in_executor, self._pool)
         try:
-            md = _forwardable(await blocking(call.initial_metadata))
-            if md:
-                await context.send_initial_metadata(md)
+            await self._send_initial(await blocking(call.initial_metadata), context)
             while (resp := await blocking(next, call, _END)) is not _END:
                 yield resp
             context.set_trailing_metadata(_forwardable(call.trailing_metadata()))
@@ -411,7 +410,7 @@ class TLSFront:
     async def _relay(self, call, context) -> AsyncIterator[bytes]:
         """The responses of a streaming upstream ``call``, then its trailing metadata and status."""
         try:
-            await self._relay_initial(call, context)
+            await self._send_initial(await call.initial_metadata(), context)
             async for resp in call:
                 yield resp
             context.set_trailing_metadata(_forwardable(await call.trailing_metadata()))

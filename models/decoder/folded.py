@@ -72,6 +72,15 @@ def _block_diag(m: Tensor, heads: int) -> Tensor:
     return out
 
 
+def _latent_rotations(dec: Decoder, heads: int, *, back: bool = False) -> Tensor:
+    """``[L, heads * dh, heads * dh]``: each latent's rotation (``back``: by minus its position)
+    on every head, so that a projection ``W`` followed by it is the one matrix ``W @ R_l``."""
+    emb = dec.rotary_emb(dec.latent_timestamps)
+    if back:
+        emb = RotaryTimeEmbedding.invert(emb)
+    return _block_diag(_rotation(emb, dec.config.dim_head), heads)
+
+
 def _pairs(dec: Decoder) -> tuple[Tensor, Tensor]:
     """Indices of the head's rotated pairs (frequency > 0) and of the pairs kept as they are."""
     omega = dec.rotary_emb.omega.detach()  # [dh / 2], one per pair
@@ -209,15 +218,9 @@ class FoldedDecoder(nn.Module):
         q_emb = dec.rotary_emb(torch.tensor([c.window_s], dtype=torch.float64))
         q_rot = _block_diag(_rotation(q_emb, dh)[0], heads)  # [inner, inner]
         self.register_buffer("dec_q", (atn.to_q.weight.detach().T @ q_rot) / math.sqrt(dh))
-        # keys at the latents' positions, one matrix per latent [L, D, inner]:
-        # x @ (Wk * cos_l + (Wk Rh) * sin_l) == (x @ Wk) * cos_l + (x @ Wk Rh) * sin_l
+        # keys at the latents' positions, one matrix per latent: Wk @ R_l [L, D, inner]
         w_k, w_v = atn.to_kv.weight.detach().T.split(inner, dim=1)  # [D, inner] each
-        rh = _block_diag(_half_turn(dh), heads)
-        cos, sin = dec.rotary_emb(dec.latent_timestamps).chunk(2, dim=-1)  # [L, dh]
-        c_l, s_l = cos.repeat(1, heads), sin.repeat(1, heads)  # [L, inner]
-        self.register_buffer(
-            "dec_k", (w_k * c_l[:, None, :] + (w_k @ rh) * s_l[:, None, :]).contiguous()
-        )
+        self.register_buffer("dec_k", (w_k @ _latent_rotations(dec, heads)).contiguous())
         # heads without transposes: 1 on a head's own dims [H, 1, inner]
         mask = torch.zeros(heads, 1, inner, dtype=w_k.dtype)
         for h in range(heads):
@@ -372,15 +375,10 @@ class _FoldedSelfAttention(nn.Module):
         w = atn.to_qkv.weight.detach().T.clone()  # [D, 3 inner]: q | k | v
         inner = heads * dh
         w[:, :inner] /= math.sqrt(dh)  # the attention scale, on the queries
-        cos, sin = dec.rotary_emb(dec.latent_timestamps).chunk(2, dim=-1)  # [L, dh]
-        c_l, s_l = cos.repeat(1, heads), sin.repeat(1, heads)  # [L, inner]
-        # x @ (W * cos_l + (W Rh) * sin_l) == (x @ W) * cos_l + (x @ W Rh) * sin_l
-        rh3 = _block_diag(_half_turn(dh), 3 * heads)
-        cs, sn = c_l.repeat(1, 3), s_l.repeat(1, 3)  # q | k | v
-        self.register_buffer("proj", (w * cs[:, None, :] + (w @ rh3) * sn[:, None, :]).contiguous())
-        # back by each latent's own position (o * cos - (o Rh) * sin), then the output projection
-        rh = _block_diag(_half_turn(dh), heads)
-        back = torch.diag_embed(c_l) - rh[None] * s_l[:, None, :]  # [L, inner, inner]
+        # q, k and v each rotated at the latent's position: W @ R_l [L, D, 3 inner]
+        self.register_buffer("proj", (w @ _latent_rotations(dec, 3 * heads)).contiguous())
+        # back by each latent's own position, then the output projection [L, inner, D]
+        back = _latent_rotations(dec, heads, back=True)
         self.register_buffer("out", (back @ atn.to_out.weight.detach().T).contiguous())
         self.register_buffer("out_bias", atn.to_out.bias.detach().clone())
         self.ffn = ffn
