@@ -22,6 +22,7 @@ its record is kept and the client can reconnect with ``resume=true``.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
@@ -55,6 +56,7 @@ TRIALS_FILE = "trials.jsonl"  # stimulus trials sent on a stream, beside its rec
 PUSH_RETRIES = 20  # tries of one block while a session actor restarts (~0.1 s apart, growing)
 CLOSE_GRACE_S = 2.5  # wait before closing a record cleanly after the client's input ended
 DECODE_RETRY_S = 30.0  # how long one decode waits through the death of a decoder replica
+INTERRUPT_WAIT_S = 10.0  # how long an ending stream waits for its session actor to release
 
 
 # -- messages between the ingress and the decoder deployment ---------------------------------------
@@ -399,6 +401,20 @@ SessionActorRemote = ray.remote(SessionActor)
 _ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
+def _session_call(actor, method: str, *args) -> ray.ObjectRef:
+    """Submit ``actor.method(*args)`` outside the gRPC request's task context.
+
+    Ray makes an actor call submitted while a request runs a *child* of that request, and Serve
+    cancels a request whose client went away recursively: every call of it still queued on the
+    session actor is cancelled too. For the session actor that is wrong twice over: frames the
+    server already received are dropped instead of recorded, and a call cancelled before it was
+    sent leaves a hole in Ray's in-order queue of this replica's calls to the actor, so the
+    stream's final ``interrupt`` waited 30 s behind it and was then cancelled as well (the
+    session stayed LIVE). Submitted from an empty context, the calls belong to the replica, not
+    to the request, and run in order whatever happens to the request."""
+    return contextvars.Context().run(getattr(actor, method).remote, *args)
+
+
 async def _through_restarts(
     call: Callable[[], Awaitable[Any]],
     *,
@@ -652,7 +668,7 @@ class Ingress:
             except ValueError:
                 actor = None
             if actor is not None:
-                return wire.status_pb(await actor.status.remote())
+                return wire.status_pb(await _session_call(actor, "status"))
             if (d / "meta.json").exists():
                 return wire.status_pb(await asyncio.to_thread(record_status, d))
             raise IngestError("NOT_FOUND", f"no live or recorded session {sid!r} on this server")
@@ -818,7 +834,20 @@ class Ingress:
             self.metrics.active_sessions.set(len(self.live))
         if not st.closed:
             try:
-                r = await asyncio.shield(st.actor.interrupt.remote(st.epoch))
+                r = await asyncio.wait_for(
+                    asyncio.shield(_session_call(st.actor, "interrupt", st.epoch)),
+                    INTERRUPT_WAIT_S,
+                )
+            except TimeoutError:
+                # The actor did not answer: end its process, which releases the record (its
+                # lock goes with the process), so the session reads INTERRUPTED and resumes
+                # from disk rather than staying LIVE with no stream.
+                log.warning(
+                    "session %s: no answer to interrupt in %.0f s; ending its actor",
+                    st.session_id,
+                    INTERRUPT_WAIT_S,
+                )
+                r = {"released": True}
             except Exception:  # noqa: BLE001 - the actor may be gone already
                 r = {"released": True}
             if r.get("released"):  # not taken over by a newer stream: end the actor
@@ -884,7 +913,7 @@ class Ingress:
             )
         epoch = 0
         if existing is not None:
-            epoch, state = await existing.attach.remote()
+            epoch, state = await _session_call(existing, "attach")
             if state != "LIVE":
                 # its stream just ended (record released, the actor is on its way out): wait
                 # for it to go, then continue the session from its record in a new actor
@@ -909,13 +938,13 @@ class Ingress:
                     "resume=true to take it over, or use a new session id",
                 ) from None
             try:
-                await actor.start.remote(bool(op.resume))
+                await _session_call(actor, "start", bool(op.resume))
             except BaseException:
                 ray.kill(actor, no_restart=True)
                 raise
-        hello = await actor.hello.remote()
+        hello = await _session_call(actor, "hello")
         st.actor = actor
-        st.epoch = epoch or (await actor.attach.remote())[0]
+        st.epoch = epoch or (await _session_call(actor, "attach"))[0]
         st.session_id = op.session_id
         st.units_key = key
         st.top_m = int(op.top_m) or self.s.top_m
@@ -1030,7 +1059,7 @@ class Ingress:
         from its record; a restarted actor is owned by the first stream that calls it again);
         returns (result, retries)."""
         return await _through_restarts(
-            lambda: getattr(st.actor, method).remote(*args), tries=PUSH_RETRIES
+            lambda: _session_call(st.actor, method, *args), tries=PUSH_RETRIES
         )
 
     def _quota_frames(self, st: _StreamState, n: int) -> None:
@@ -1205,7 +1234,7 @@ class Ingress:
         if st.cancelled or st.input_cancelled():
             st.cancelled = True
             raise asyncio.CancelledError
-        await st.actor.mark_decoded.remote(st.decoded)
+        await _session_call(st.actor, "mark_decoded", st.decoded)
         status, _ = await self._call_actor(st, "close", st.epoch)
         st.closed = True
         try:

@@ -431,6 +431,98 @@ def test_vanished_client_then_resume_loses_nothing(client, served):
     assert items[-1].message.state == pb.SessionStatus.CLOSED
 
 
+def test_session_calls_outlive_the_cancelled_request_that_made_them(served):
+    """Serve cancels a gRPC request whose client left *recursively*; session-actor calls made
+    through `_session_call` must not be cancelled with it (queued frames would be dropped and
+    the caller's in-order queue to the actor could be left with a hole). Mutation-checked: with
+    a plain ``.remote`` the queued calls are cancelled and only the running one completes."""
+    import asyncio
+
+    import ray
+
+    from service.app import _session_call
+
+    @ray.remote(num_cpus=0)
+    class Sink:
+        def __init__(self):
+            self.got = []
+
+        def put(self, i):
+            time.sleep(0.3)
+            self.got.append(i)
+
+        def seen(self):
+            return self.got
+
+    @ray.remote(num_cpus=0)
+    class Handler:  # an async actor like a Serve replica; `run` plays a request
+        def __init__(self, sink):
+            self.sink = sink
+
+        async def run(self):
+            await asyncio.gather(*[_session_call(self.sink, "put", i) for i in range(4)])
+
+        def ready(self):
+            return True
+
+    sink = Sink.remote()
+    h = Handler.remote(sink)
+    ray.get([sink.seen.remote(), h.ready.remote()])  # both processes up
+    ref = h.run.remote()
+    time.sleep(0.45)  # the first put is running, three are queued on the sink
+    ray.cancel(ref, recursive=True)
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        ray.get(ref, timeout=30)
+    deadline = time.time() + 30
+    while time.time() < deadline and len(ray.get(sink.seen.remote())) < 4:
+        time.sleep(0.1)
+    assert ray.get(sink.seen.remote()) == [0, 1, 2, 3]
+    for a in (h, sink):
+        ray.kill(a)
+
+
+def test_unresponsive_session_actor_is_ended_when_its_stream_vanishes(client, served):
+    """A stream ends without a clean close while its session actor does not answer (here: its
+    process is stopped): the ingress waits `INTERRUPT_WAIT_S`, then ends the actor, so the
+    record reads INTERRUPTED (not LIVE forever) and the session resumes from disk."""
+    import ray
+
+    from service.app import INTERRUPT_WAIT_S, _actor_name
+    from service.ingest import record_status
+    from service.settings import NAMESPACE
+
+    rec = _park(served, 1)
+    s = client.stream(rec, realtime=True, speed=4.0, max_frames=400, session_id="frozen")
+    pid = None
+    try:
+        for it in s:
+            if it.kind == "prediction":
+                actor = ray.get_actor(_actor_name("frozen"), namespace=NAMESPACE)
+                pid = ray.get(actor.pid.remote())
+                os.kill(pid, signal.SIGSTOP)
+                break
+        t0 = time.time()
+        s.cancel()
+        st = record_status(served.records / "frozen")
+        while time.time() < t0 + INTERRUPT_WAIT_S + 30 and st["state"] == "LIVE":
+            time.sleep(0.2)
+            st = record_status(served.records / "frozen")
+        assert st["state"] == "INTERRUPTED", f"still {st['state']} after {time.time() - t0:.0f} s"
+    finally:
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    items = _run_stream(
+        client, rec, realtime=False, max_frames=60, session_id="frozen", resume=True
+    )
+    assert items[0].message.next_frame_index == st["last_frame_index"] + 1
+    idx = _record_indices(served, "frozen")
+    assert list(idx) == list(range(int(idx[-1]) + 1))
+    assert items[-1].message.state == pb.SessionStatus.CLOSED
+
+
 def test_ingestion_actor_restart_mid_stream_keeps_every_frame(client, served):
     import ray
 
