@@ -520,6 +520,7 @@ class Ingress:
         self.records.mkdir(parents=True, exist_ok=True)
         self.draining = False
         self._retrain_actor = None
+        self._endings: set[asyncio.Task] = set()  # streams' end-of-stream work, see _end_detached
 
     # -- helpers ----------------------------------------------------------------------------------
     def _auth(self, ctx) -> None:
@@ -817,12 +818,28 @@ class Ingress:
         finally:
             if not reader.done():
                 reader.cancel()
-            await self._end_stream(state)
+            await self._end_detached(state)
         if state.error is not None:
             code, msg = state.error
             self._count("StreamSession", code)
             _abort(grpc_context, code, msg)
         self._count("StreamSession", "OK")
+
+    async def _end_detached(self, st: _StreamState) -> None:
+        """Run `_end_stream` as the replica's own task and wait for it.
+
+        The request may be cancelled while its stream is already ending: a vanished client's
+        input breaks off and Serve's cancellation of the request arrives a moment later, in
+        either order. Awaited in the request's task, `_end_stream` was then stopped half way
+        (while waiting for `interrupt`), the actor never ended and the record read LIVE with no
+        stream. In its own task, from an empty context (nothing of the request's), it runs to
+        the end whatever happens to the request; a cancelled request only stops waiting for it."""
+        task = asyncio.get_running_loop().create_task(
+            self._end_stream(st), context=contextvars.Context()
+        )
+        self._endings.add(task)
+        task.add_done_callback(self._endings.discard)
+        await asyncio.shield(task)
 
     async def _end_stream(self, st: _StreamState) -> None:
         if st.actor is None:

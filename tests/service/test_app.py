@@ -523,6 +523,65 @@ def test_unresponsive_session_actor_is_ended_when_its_stream_vanishes(client, se
     assert items[-1].message.state == pb.SessionStatus.CLOSED
 
 
+def test_cancel_while_the_stream_is_ending_still_ends_its_session_actor(stub, client, served):
+    """A vanished client's input breaks off and Serve's cancellation of its request follows, in
+    either order, so the cancellation can reach the replica while the stream is already ending.
+    Made deterministic here: the stream ends on a message the ingress refuses by itself while
+    the session actor does not answer (its process is stopped), and the client cancels while
+    the ingress waits for `interrupt`. The wait must still run out and end the actor (record
+    INTERRUPTED, resumable); cut short by the cancellation, the record stayed LIVE with no
+    stream (mutation-checked: awaiting `_end_stream` in the request's task fails this)."""
+    import ray
+
+    from service.app import INTERRUPT_WAIT_S, _actor_name
+    from service.ingest import record_status
+    from service.settings import NAMESPACE
+
+    rec = _park(served, 3)
+    sid, n = "cut-short", 60
+    go, done = threading.Event(), threading.Event()
+
+    def requests():
+        yield _open_msg(rec, sid, decode_stride=1)
+        for j in range(n):
+            yield _frames_msg(rec, j)
+        go.wait(120)
+        yield pb.StreamRequest()  # refused by the ingress itself (no frames): the stream ends
+        done.wait(300)  # and the client never half-closes
+
+    call = stub.StreamSession(requests(), timeout=300)
+    pid = None
+    try:
+        for r in call:  # every block was pushed once the last frame is decoded
+            if r.WhichOneof("kind") == "prediction" and r.prediction.frame_index == n - 1:
+                break
+        actor = ray.get_actor(_actor_name(sid), namespace=NAMESPACE)
+        pid = ray.get(actor.pid.remote())
+        os.kill(pid, signal.SIGSTOP)
+        go.set()
+        time.sleep(min(3.0, INTERRUPT_WAIT_S / 3))  # the ingress now waits for `interrupt`
+        assert record_status(served.records / sid)["state"] == "LIVE"
+        call.cancel()
+        t0 = time.time()
+        st = record_status(served.records / sid)
+        while time.time() < t0 + INTERRUPT_WAIT_S + 30 and st["state"] == "LIVE":
+            time.sleep(0.2)
+            st = record_status(served.records / sid)
+        assert st["state"] == "INTERRUPTED", f"still {st['state']} after {time.time() - t0:.0f} s"
+    finally:
+        done.set()
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert st["last_frame_index"] == n - 1  # every frame pushed before the stop was recorded
+    items = _run_stream(client, rec, realtime=False, max_frames=n + 30, session_id=sid, resume=True)
+    assert items[0].message.next_frame_index == n
+    assert list(_record_indices(served, sid)) == list(range(n + 30))
+    assert items[-1].message.state == pb.SessionStatus.CLOSED
+
+
 def test_ingestion_actor_restart_mid_stream_keeps_every_frame(client, served):
     import ray
 
