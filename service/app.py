@@ -965,6 +965,7 @@ class Ingress:
         st.session_id = op.session_id
         st.units_key = key
         st.top_m = int(op.top_m) or self.s.top_m
+        st.close_explicitly = bool(op.close_explicitly)
         st.ref = info.ref
         st.decodable = info.decodable
         st.max_inflight = ing.max_pending_decodes
@@ -1048,18 +1049,24 @@ class Ingress:
                 if kind == "trials":
                     await self._trials(req.trials, st)
                     continue
+                if kind == "close":
+                    st.close_requested = True
+                    break  # what follows `close` is not read
                 if kind != "frames":
                     raise IngestError("INVALID_ARGUMENT", "empty StreamRequest (no frames)")
                 await self._push(req.frames, st, out)
-            if st.input_cancelled():
-                # The input broke off without a half-close: the client vanished (or the proxy
-                # could not receive a message). No clean close: the session stays resumable.
-                # Bytes that do not parse arrive as `Malformed` (INVALID_ARGUMENT above); the
-                # status here reaches only a client that is still there, instead of OK.
+            if st.actor is not None and st.close_requested:
+                await self._finish(st, out)
+            elif st.input_cancelled() or st.close_explicitly:
+                # The input broke off without a half-close (the client vanished, or the proxy
+                # could not receive a message), or it ended without the `close` this client
+                # promised: no clean close, the session stays resumable. Bytes that do not
+                # parse arrive as `Malformed` (INVALID_ARGUMENT above); the status here reaches
+                # only a client that is still there, instead of OK.
                 st.cancelled = True
                 st.error = (
                     "CANCELLED",
-                    "the stream's input broke off without a half-close; the session is left "
+                    "the stream's input ended without `close`; the session is left "
                     "INTERRUPTED, reconnect with resume=true",
                 )
             elif st.actor is not None:
@@ -1242,10 +1249,11 @@ class Ingress:
         while st.inflight:
             await asyncio.sleep(0.001)
         # A client that vanished can look like a half-close to the replica (the proxy's request
-        # iterator may just end); its cancellation reaches this handler a moment later. Wait a
-        # little before marking the record closed, so a vanished client leaves it resumable.
-        # The input stream's own cancellation flag may be set then too: poll both.
-        t_end = time.monotonic() + CLOSE_GRACE_S
+        # iterator may just end); its cancellation reaches this handler a moment later. After a
+        # bare half-close, wait a little before marking the record closed, so a vanished client
+        # leaves it resumable (the input stream's own cancellation flag may be set then too:
+        # poll both). An explicit `close` says what the client meant: no wait.
+        t_end = time.monotonic() + (0.0 if st.close_requested else CLOSE_GRACE_S)
         while not (st.cancelled or st.input_cancelled()) and time.monotonic() < t_end:
             await asyncio.sleep(0.05)
         if st.cancelled or st.input_cancelled():
@@ -1286,6 +1294,8 @@ class _StreamState:
         self.decoded = 0
         self.closed = False
         self.cancelled = False
+        self.close_explicitly = False  # SessionOpen.close_explicitly
+        self.close_requested = False  # a `close` message arrived
         self.error: tuple[str, str] | None = None
 
     def input_cancelled(self) -> bool:

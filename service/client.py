@@ -352,9 +352,9 @@ class SessionStream:
         return self._stats
 
     def cancel(self) -> None:
-        """Cancel the call, then stop sending (iteration then ends without an error). In this
-        order the server sees a cancellation, never a half-close first: the session is left
-        INTERRUPTED (resumable), not closed."""
+        """Cancel the call, then stop sending (iteration then ends without an error). No
+        `close` is sent, so the server leaves the session INTERRUPTED (resumable), not closed,
+        even where its proxy shows the cancellation as the end of the input."""
         call = self._call
         if call is not None:
             call.cancel()
@@ -547,6 +547,8 @@ class SessionStream:
             if self._trials.size and not stopped():  # trials ending after the last frame
                 yield trials_message(self._trials)
                 self._trials = self._trials[:0]
+            if not stopped():  # the end of the session, said so (then gRPC half-closes)
+                yield pb.StreamRequest(close=pb.SessionClose())
         except GeneratorExit:
             raise
         except BaseException as e:  # a bug on our side: surfaced instead of gRPC's CANCELLED
@@ -917,6 +919,7 @@ class Client:
             model=model,
             metadata={str(k): str(v) for k, v in (metadata or {}).items()},
             resume=resume,
+            close_explicitly=True,  # a stream that ends without `close` went away
         )
         return SessionStream(
             self._stub,

@@ -582,6 +582,53 @@ def test_cancel_while_the_stream_is_ending_still_ends_its_session_actor(stub, cl
     assert items[-1].message.state == pb.SessionStatus.CLOSED
 
 
+def test_close_message_closes_at_once_and_an_input_ending_without_it_interrupts(stub, served):
+    """`close` closes the session cleanly without waiting for the half-close (here the client
+    never half-closes); with `close_explicitly` an input that ends without `close` is a client
+    that went away: INTERRUPTED (resumable) and CANCELLED, never CLOSED; without the flag a
+    bare half-close still closes cleanly (older clients)."""
+    from service.ingest import record_status
+
+    rec = _park(served, 2)
+    n = 30
+    done = threading.Event()
+
+    def held_open():
+        yield _open_msg(rec, "said-close", close_explicitly=True)
+        for j in range(n):
+            yield _frames_msg(rec, j)
+        yield pb.StreamRequest(close=pb.SessionClose())
+        done.wait(120)  # no half-close
+
+    call = stub.StreamSession(held_open(), timeout=120)
+    try:
+        last = None
+        for r in call:
+            last = r
+            if r.WhichOneof("kind") == "closed":
+                break
+        assert last is not None and last.WhichOneof("kind") == "closed"
+        assert last.closed.state == pb.SessionStatus.CLOSED
+        assert record_status(served.records / "said-close")["state"] == "CLOSED"
+    finally:
+        done.set()
+        call.cancel()
+
+    msgs = [_open_msg(rec, "no-close", close_explicitly=True)]
+    out, code, msg = _raw_stream(stub, msgs + [_frames_msg(rec, j) for j in range(n)])
+    assert code == grpc.StatusCode.CANCELLED and "close" in msg, (code, msg)
+    assert not any(r.WhichOneof("kind") == "closed" for r in out)
+    st = record_status(served.records / "no-close")
+    assert st["state"] == "INTERRUPTED" and st["last_frame_index"] == n - 1
+
+    out, code, msg = _raw_stream(
+        stub, [_open_msg(rec, "bare")] + [_frames_msg(rec, j) for j in range(n)]
+    )
+    assert code == grpc.StatusCode.OK, (code, msg)
+    assert out[-1].WhichOneof("kind") == "closed"
+    assert record_status(served.records / "bare")["state"] == "CLOSED"
+
+
 def test_ingestion_actor_restart_mid_stream_keeps_every_frame(client, served):
     import ray
 

@@ -117,14 +117,20 @@ class DecodeResponse(_message.Message):
     def __init__(self, prediction: _Optional[_Union[Prediction, _Mapping]] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("open", "frames", "trials")
+    __slots__ = ("open", "frames", "trials", "close")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     TRIALS_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
     open: SessionOpen
     frames: Frames
     trials: Trials
-    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., frames: _Optional[_Union[Frames, _Mapping]] = ..., trials: _Optional[_Union[Trials, _Mapping]] = ...) -> None: ...
+    close: SessionClose
+    def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., frames: _Optional[_Union[Frames, _Mapping]] = ..., trials: _Optional[_Union[Trials, _Mapping]] = ..., close: _Optional[_Union[SessionClose, _Mapping]] = ...) -> None: ...
+
+class SessionClose(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class Trial(_message.Message):
     __slots__ = ("start", "end", "direction", "temporal_frequency")
@@ -145,7 +151,7 @@ class Trials(_message.Message):
     def __init__(self, trials: _Optional[_Iterable[_Union[Trial, _Mapping]]] = ...) -> None: ...
 
 class SessionOpen(_message.Message):
-    __slots__ = ("session_id", "subject_id", "genetic_background", "unit_ids", "frame_rate_hz", "decode_stride", "top_m", "model", "metadata", "resume")
+    __slots__ = ("session_id", "subject_id", "genetic_background", "unit_ids", "frame_rate_hz", "decode_stride", "top_m", "model", "metadata", "resume", "close_explicitly")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +169,7 @@ class SessionOpen(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_EXPLICITLY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     subject_id: str
     genetic_background: str
@@ -173,7 +180,8 @@ class SessionOpen(_message.Message):
     model: str
     metadata: _containers.ScalarMap[str, str]
     resume: bool
-    def __init__(self, session_id: _Optional[str] = ..., subject_id: _Optional[str] = ..., genetic_background: _Optional[str] = ..., unit_ids: _Optional[_Iterable[str]] = ..., frame_rate_hz: _Optional[float] = ..., decode_stride: _Optional[int] = ..., top_m: _Optional[int] = ..., model: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., resume: _Optional[bool] = ...) -> None: ...
+    close_explicitly: bool
+    def __init__(self, session_id: _Optional[str] = ..., subject_id: _Optional[str] = ..., genetic_background: _Optional[str] = ..., unit_ids: _Optional[_Iterable[str]] = ..., frame_rate_hz: _Optional[float] = ..., decode_stride: _Optional[int] = ..., top_m: _Optional[int] = ..., model: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., resume: _Optional[bool] = ..., close_explicitly: _Optional[bool] = ...) -> None: ...
 
 class Frames(_message.Message):
     __slots__ = ("first_frame_index", "block")

@@ -76,7 +76,8 @@ class DecoderServicer:
         """One live recording session: the first message opens the session, then frames flow in
         (in order by frame index, one or several per message); the server answers with an
         `accepted` message, then a prediction per decoded frame (every `decode_stride` frames) and
-        events (gaps, duplicates dropped), and `closed` after the client half-closes.
+        events (gaps, duplicates dropped), and `closed` after the client's `close` (or, without
+        `close_explicitly`, its half-close).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
