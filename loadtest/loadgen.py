@@ -81,6 +81,7 @@ def _open_msg(spec: SessionSpec, rate: float, stride: int, top_m: int) -> pb.Str
             decode_stride=int(stride),
             top_m=int(top_m),
             metadata={"origin": "loadtest"},
+            close_explicitly=True,
         )
     )
 
@@ -176,6 +177,7 @@ async def _session(
                 res.send_lag_ms.append((now - due) * 1e3)
                 res.frames_sent += 1
                 await call.write(msg)
+            await call.write(pb.StreamRequest(close=pb.SessionClose()))
             await call.done_writing()
             done_sending.set()
             try:

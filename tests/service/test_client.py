@@ -75,6 +75,7 @@ class EchoDecoder(pbg.DecoderServicer):
         self.blocks: list[tuple[int, int, float]] = []  # (first index, n frames, perf_counter)
         self.metadata: list[dict[str, str]] = []
         self.sessions: dict[str, pb.SessionStatus] = {}
+        self.closes: list[str] = []  # sessions whose client sent `close`
         self.stream_done = threading.Event()  # the StreamSession RPC terminated (any reason)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -207,6 +208,9 @@ class EchoDecoder(pbg.DecoderServicer):
             )
         )
         for req in request_iterator:
+            if req.WhichOneof("kind") == "close":  # the client's end of the session
+                self.closes.append(sid)
+                break
             if req.WhichOneof("kind") != "frames":
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, "open sent twice")
             fr = req.frames
@@ -483,6 +487,7 @@ def test_stream_every_frame_fast(serve):
     assert op.session_id == "s1" and list(op.unit_ids) == kw["unit_ids"]
     assert op.frame_rate_hz == pytest.approx(30.0) and op.top_m == 3
     assert dict(op.metadata) == {"rig": "2p-1"}
+    assert op.close_explicitly and svc.closes == ["s1"]  # the session ended with `close`
     assert [(i, n) for i, n, _ in svc.blocks] == [(i, 1) for i in range(40)]
     assert svc.metadata[0]["authorization"] == "Bearer tok"
 
