@@ -1055,7 +1055,7 @@ class Ingress:
                 if kind != "frames":
                     raise IngestError("INVALID_ARGUMENT", "empty StreamRequest (no frames)")
                 await self._push(req.frames, st, out)
-            if st.actor is not None and st.close_requested:
+            if st.close_requested:  # (set only after a successful `open`)
                 await self._finish(st, out)
             elif st.input_cancelled() or st.close_explicitly:
                 # The input broke off without a half-close (the client vanished, or the proxy

@@ -8,6 +8,7 @@ session ids. The model is the ``service_home`` quick bundle (5 Park sessions + a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -83,6 +84,42 @@ def _record_indices(served, session_id):
 
     rec = FrameRecord.open(served.records / session_id, readonly=True)
     return rec.index()[0]
+
+
+def _session_pid(session_id: str) -> int:
+    """The process id of the live session's actor."""
+    import ray
+
+    from service.app import _actor_name
+    from service.settings import NAMESPACE
+
+    actor = ray.get_actor(_actor_name(session_id), namespace=NAMESPACE)
+    return ray.get(actor.pid.remote())
+
+
+@contextlib.contextmanager
+def _session_actor_stopped(session_id: str):
+    """The session actor's process SIGSTOPped for the block, SIGCONTed after if it still runs."""
+    pid = _session_pid(session_id)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+def _status_once_not_live(served, session_id: str, timeout_s: float) -> tuple[dict, float]:
+    """The record's status as soon as it no longer reads LIVE (or at the deadline), and the
+    seconds waited."""
+    from service.ingest import record_status
+
+    t0 = time.time()
+    st = record_status(served.records / session_id)
+    while st["state"] == "LIVE" and time.time() < t0 + timeout_s:
+        time.sleep(0.2)
+        st = record_status(served.records / session_id)
+    return st, time.time() - t0
 
 
 # -- unary -----------------------------------------------------------------------------------------
@@ -410,14 +447,7 @@ def test_vanished_client_then_resume_loses_nothing(client, served):
             if len(got) == 40:
                 s.cancel()
                 break
-    deadline = time.time() + 30
-    from service.ingest import record_status
-
-    while time.time() < deadline:
-        st = record_status(served.records / "vanish")
-        if st["state"] == "INTERRUPTED":
-            break
-        time.sleep(0.2)
+    st, _ = _status_once_not_live(served, "vanish", 30)
     assert st["state"] == "INTERRUPTED"
     sent_before = st["last_frame_index"] + 1
     # reconnect: continue from the server's next_frame_index
@@ -485,35 +515,17 @@ def test_unresponsive_session_actor_is_ended_when_its_stream_vanishes(client, se
     """A stream ends without a clean close while its session actor does not answer (here: its
     process is stopped): the ingress waits `INTERRUPT_WAIT_S`, then ends the actor, so the
     record reads INTERRUPTED (not LIVE forever) and the session resumes from disk."""
-    import ray
-
-    from service.app import INTERRUPT_WAIT_S, _actor_name
-    from service.ingest import record_status
-    from service.settings import NAMESPACE
+    from service.app import INTERRUPT_WAIT_S
 
     rec = _park(served, 1)
     s = client.stream(rec, realtime=True, speed=4.0, max_frames=400, session_id="frozen")
-    pid = None
-    try:
-        for it in s:
-            if it.kind == "prediction":
-                actor = ray.get_actor(_actor_name("frozen"), namespace=NAMESPACE)
-                pid = ray.get(actor.pid.remote())
-                os.kill(pid, signal.SIGSTOP)
-                break
-        t0 = time.time()
+    items = iter(s)  # not a for loop: leaving one cancels the stream before the actor stops
+    while next(items).kind != "prediction":
+        pass
+    with _session_actor_stopped("frozen"):
         s.cancel()
-        st = record_status(served.records / "frozen")
-        while time.time() < t0 + INTERRUPT_WAIT_S + 30 and st["state"] == "LIVE":
-            time.sleep(0.2)
-            st = record_status(served.records / "frozen")
-        assert st["state"] == "INTERRUPTED", f"still {st['state']} after {time.time() - t0:.0f} s"
-    finally:
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        st, waited = _status_once_not_live(served, "frozen", INTERRUPT_WAIT_S + 30)
+        assert st["state"] == "INTERRUPTED", f"still {st['state']} after {waited:.0f} s"
     items = _run_stream(
         client, rec, realtime=False, max_frames=60, session_id="frozen", resume=True
     )
@@ -531,11 +543,8 @@ def test_cancel_while_the_stream_is_ending_still_ends_its_session_actor(stub, cl
     the ingress waits for `interrupt`. The wait must still run out and end the actor (record
     INTERRUPTED, resumable); cut short by the cancellation, the record stayed LIVE with no
     stream (mutation-checked: awaiting `_end_stream` in the request's task fails this)."""
-    import ray
-
-    from service.app import INTERRUPT_WAIT_S, _actor_name
+    from service.app import INTERRUPT_WAIT_S
     from service.ingest import record_status
-    from service.settings import NAMESPACE
 
     rec = _park(served, 3)
     sid, n = "cut-short", 60
@@ -550,31 +559,19 @@ def test_cancel_while_the_stream_is_ending_still_ends_its_session_actor(stub, cl
         done.wait(300)  # and the client never half-closes
 
     call = stub.StreamSession(requests(), timeout=300)
-    pid = None
     try:
         for r in call:  # every block was pushed once the last frame is decoded
             if r.WhichOneof("kind") == "prediction" and r.prediction.frame_index == n - 1:
                 break
-        actor = ray.get_actor(_actor_name(sid), namespace=NAMESPACE)
-        pid = ray.get(actor.pid.remote())
-        os.kill(pid, signal.SIGSTOP)
-        go.set()
-        time.sleep(min(3.0, INTERRUPT_WAIT_S / 3))  # the ingress now waits for `interrupt`
-        assert record_status(served.records / sid)["state"] == "LIVE"
-        call.cancel()
-        t0 = time.time()
-        st = record_status(served.records / sid)
-        while time.time() < t0 + INTERRUPT_WAIT_S + 30 and st["state"] == "LIVE":
-            time.sleep(0.2)
-            st = record_status(served.records / sid)
-        assert st["state"] == "INTERRUPTED", f"still {st['state']} after {time.time() - t0:.0f} s"
+        with _session_actor_stopped(sid):
+            go.set()
+            time.sleep(min(3.0, INTERRUPT_WAIT_S / 3))  # the ingress now waits for `interrupt`
+            assert record_status(served.records / sid)["state"] == "LIVE"
+            call.cancel()
+            st, waited = _status_once_not_live(served, sid, INTERRUPT_WAIT_S + 30)
+            assert st["state"] == "INTERRUPTED", f"still {st['state']} after {waited:.0f} s"
     finally:
         done.set()
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
     assert st["last_frame_index"] == n - 1  # every frame pushed before the stop was recorded
     items = _run_stream(client, rec, realtime=False, max_frames=n + 30, session_id=sid, resume=True)
     assert items[0].message.next_frame_index == n
@@ -630,11 +627,6 @@ def test_close_message_closes_at_once_and_an_input_ending_without_it_interrupts(
 
 
 def test_ingestion_actor_restart_mid_stream_keeps_every_frame(client, served):
-    import ray
-
-    from service.app import _actor_name
-    from service.settings import NAMESPACE
-
     rec = _park(served, 0)
     n = 300
     s = client.stream(rec, realtime=True, speed=2.0, max_frames=n, session_id="phoenix")
@@ -644,8 +636,7 @@ def test_ingestion_actor_restart_mid_stream_keeps_every_frame(client, served):
         if it.kind == "prediction":
             preds.append(it.message.frame_index)
             if len(preds) == 60 and not killed:
-                actor = ray.get_actor(_actor_name("phoenix"), namespace=NAMESPACE)
-                pid = ray.get(actor.pid.remote())
+                pid = _session_pid("phoenix")
                 os.kill(pid, signal.SIGKILL)
                 killed["pid"] = pid
     assert killed
