@@ -71,7 +71,7 @@ from models.decoder.checkpoint import WEIGHTS_FILE as DECODER_FILE
 from models.decoder.folded import FoldedDecoder
 from models.decoder.model import BATCH_KEYS, Decoder
 from models.interpret.attribution import ablation_attribution, tile_rows, top_units
-from models.runtime import ort_session
+from models.runtime import FixedShapeRunner, ort_session
 from models.sae.base import CFG_FILE as SAE_CFG_FILE
 from models.sae.base import WEIGHTS_FILE as SAE_FILE
 from models.sae.base import SparseAutoencoder
@@ -230,20 +230,33 @@ def export_onnx(
     example: Mapping[str, Tensor] | None = None,
     *,
     opset: int | None = None,
+    fixed: tuple[int, int] | None = None,
 ) -> Path:
-    """``torch.onnx.export(dynamo=True)`` with dynamic batch and token dimensions.
+    """``torch.onnx.export(dynamo=True)`` with dynamic batch and token dimensions, or with
+    ``fixed=(batch, tokens)`` a fixed-shape graph of that size (for CUDA graphs; run it through
+    `models.runtime.FixedShapeRunner`, which pads smaller batches into it).
 
-    The example must have batch >= 2 and tokens >= 2 (a size-1 example dimension would be
-    specialised to 1); by default a simulated one is used. Weights are stored inside the file.
+    The dynamic export's example must have batch >= 2 and tokens >= 2 (a size-1 example
+    dimension would be specialised to 1); by default a simulated one is used. Weights are stored
+    inside the file.
     """
     path = Path(path)
-    if example is None:
-        example = simulated_batch(model.decoder, 2, 8, seed=0)
-    if example["mask"].shape[0] < 2 or example["mask"].shape[1] < 2:
-        raise ValueError("the export example needs batch >= 2 and tokens >= 2")
-    batch_dim, tok_dim = torch.export.Dim("batch"), torch.export.Dim("tokens")
-    ds: dict[str, dict[int, Any]] = {k: {0: batch_dim, 1: tok_dim} for k in INPUT_NAMES[:4]}
-    ds["session_index"] = {0: batch_dim}
+    ds: dict[str, dict[int, Any]] | None
+    if fixed is not None:
+        b, n = (int(x) for x in fixed)
+        if b < 1 or n < 1:
+            raise ValueError(f"a fixed shape needs batch >= 1 and tokens >= 1, got {b} x {n}")
+        sim = simulated_batch(model.decoder, b, n, seed=0)  # >= n tokens, or all units
+        example = pad_batch({k: v[:, :n] if v.ndim >= 2 else v for k, v in sim.items()}, b, n)
+        ds = None
+    else:
+        if example is None:
+            example = simulated_batch(model.decoder, 2, 8, seed=0)
+        if example["mask"].shape[0] < 2 or example["mask"].shape[1] < 2:
+            raise ValueError("the export example needs batch >= 2 and tokens >= 2")
+        batch_dim, tok_dim = torch.export.Dim("batch"), torch.export.Dim("tokens")
+        ds = {k: {0: batch_dim, 1: tok_dim} for k in INPUT_NAMES[:4]}
+        ds["session_index"] = {0: batch_dim}
     kw: dict[str, Any] = {}
     if opset is not None:
         kw["opset_version"] = opset
@@ -274,9 +287,27 @@ def export_onnx(
 
 
 def run_ort(sess, batch: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+    """Outputs by name of an ORT session, or of a `models.runtime.Runner` /
+    `FixedShapeRunner` (anything with ``output_names`` and ``run(feeds)``)."""
     feeds = {k: batch[k].numpy() for k in INPUT_NAMES}
+    if hasattr(sess, "output_names"):
+        return dict(zip(sess.output_names, sess.run(feeds), strict=True))
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(None, feeds), strict=True))
+
+
+def pad_batch(batch: Mapping[str, Tensor], size: int, tokens: int) -> dict[str, Tensor]:
+    """``batch`` padded to ``size`` windows of ``tokens`` tokens the way
+    `models.runtime.FixedShapeRunner` pads (zeros after the tokens, ``mask`` False; extra
+    windows repeat the first)."""
+    from models.runtime import _pad
+
+    return {k: torch.from_numpy(_pad(v.numpy(), size, tokens)) for k, v in batch.items()}
+
+
+def fixed_model_file(batch: int, tokens: int) -> str:
+    """A bundle's fixed-shape graph of ``batch`` windows x ``tokens`` tokens."""
+    return f"model.b{int(batch)}.t{int(tokens)}.onnx"
 
 
 def parity(
@@ -406,13 +437,17 @@ def export_bundle(
     parent: str | None = None,
     overwrite: bool = False,
     check: bool = True,
+    fixed_shapes: Sequence[tuple[int, int]] = (),
 ):
     """Export ``checkpoint_dir`` + the SAE at ``sae_dir`` into a verified bundle at ``out``.
 
     ``sae_dir`` may be an `interpret` output directory (then its ``units.json`` and
     ``summary.json`` are used unless given). Parity (ORT vs PyTorch) is measured on simulated
     windows and, if ``recordings`` are given, on real windows of them; with ``check`` a logits
-    or attributions difference above ``PARITY_TOL`` raises. Returns the opened `Bundle`.
+    or attributions difference above ``PARITY_TOL`` raises. ``fixed_shapes`` ((batch, tokens)
+    pairs) adds a fixed-shape graph of each size (`fixed_model_file`, listed in config.json's
+    ``export.fixed_shapes``), parity-checked the same way through the padding of
+    `models.runtime.FixedShapeRunner`. Returns the opened `Bundle`.
     """
     import tempfile
 
@@ -441,10 +476,24 @@ def export_bundle(
         par: dict[str, Any] = {"tolerance": PARITY_TOL, "simulated": parity(model, sess, sim)}
         if recordings:
             par["real"] = parity(model, sess, real_windows(ckpt, recordings))
+        fixed_files: dict[str, Path] = {}
+        fixed_doc = []
+        for b, n in sorted({(int(b), int(n)) for b, n in fixed_shapes}):
+            fname = fixed_model_file(b, n)
+            path = export_onnx(model, Path(tmp) / fname, opset=opset, fixed=(b, n))
+            runner = FixedShapeRunner(ort_session(path))
+            # fewer windows and tokens than the graph holds, so that its padding is exercised
+            sim = simulated_batch(ckpt.model, max(b - 1, 1), 7, seed=3)
+            small = {k: v[:, : max(n - 1, 1)] if v.ndim >= 2 else v for k, v in sim.items()}
+            fit = [small] + [w for w in real_windows(ckpt, recordings or []) if _fits(w, b, n)]
+            par[f"fixed_{b}x{n}"] = parity(model, runner, [_cut(w, n) for w in fit])
+            fixed_files[fname] = path
+            fixed_doc.append({"batch": b, "tokens": n, "file": fname})
         if check:
-            for where in ("simulated", "real"):
-                p = par.get(where)
-                if p and max(p["logits"], p["attributions"], p["additivity"]) > PARITY_TOL:
+            for where, p in par.items():
+                if where == "tolerance" or not p:
+                    continue
+                if max(p["logits"], p["attributions"], p["additivity"]) > PARITY_TOL:
                     raise ConfigError(f"ONNX parity check failed on {where} windows: {p}")
 
         if units_json is not None:
@@ -478,6 +527,7 @@ def export_bundle(
                 "outputs": model.output_names,
                 "unit_activation": "sum over latent tokens",
                 "unexplained": "SAE error + SAE bias + units outside the top M + non-additivity",
+                "fixed_shapes": fixed_doc,
             },
         }
         ckpt_files = [ckpt_dir / f for f in ("config.json", DECODER_FILE, "vocab.json")]
@@ -505,6 +555,7 @@ def export_bundle(
             "units.json": units_src,
             "metrics.json": json.dumps(metrics, indent=2, default=_jsonable).encode(),
             "vocab.json": ckpt_dir / "vocab.json",
+            **fixed_files,
         }
         return write_bundle(
             files,
@@ -515,6 +566,17 @@ def export_bundle(
             provenance=provenance,
             overwrite=overwrite,
         )
+
+
+def _fits(batch: Mapping[str, Tensor], size: int, tokens: int) -> bool:
+    return batch["mask"].shape[0] <= size and int(batch["mask"].sum(1).max()) <= tokens
+
+
+def _cut(batch: Mapping[str, Tensor], tokens: int) -> dict[str, Tensor]:
+    """``batch`` with trailing all-padding token columns dropped down to ``tokens``."""
+    if batch["mask"].shape[1] <= tokens:
+        return dict(batch)
+    return {k: v[:, :tokens] if v.ndim >= 2 else v for k, v in batch.items()}
 
 
 def _onnx_opset(path: Path) -> int | None:

@@ -145,6 +145,8 @@ class DecoderModel:
                 providers=st.providers,
                 trt_fp16=st.trt_fp16,
                 trt_cache_dir=st.resolved_trt_cache(),
+                io_binding=st.io_binding,
+                fixed_shapes=st.fixed_shapes,
             )
             self.engine, self._plans = eng, {}  # one assignment: a running batch keeps its engine
             log.info("serving %s %s from %s", eng.ref.name, eng.ref.version, path)

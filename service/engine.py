@@ -10,10 +10,12 @@ is a thin shell around it and everything here is unit-tested directly.
   embedding for borrows the embedding of the known session sharing the most unit ids; a session
   with no known cell cannot be decoded (``decodable`` False) and is only recorded.
 - `Engine.run(items)` decodes a batch of windows (any mix of sessions and cell counts) in one
-  ONNX Runtime call and returns one `Decoded` per window: per task the logits, probabilities,
-  the predicted class, and the top-M SAE units for the predicted class ranked by |attribution|
-  with their labels, plus the unexplained part, so that the listed attributions plus
-  ``unexplained`` equal the predicted class's logit.
+  ONNX Runtime call (`models.runtime.Runner`: I/O binding on a GPU provider; with
+  ``fixed_shapes``, the smallest of the bundle's fixed-shape graphs that holds the batch, padded)
+  and returns one `Decoded` per window: per task the logits, probabilities, the predicted class,
+  and the top-M SAE units for the predicted class ranked by |attribution| with their labels, plus
+  the unexplained part, so that the listed attributions plus ``unexplained`` equal the predicted
+  class's logit.
 
 Windows hold raw dF/F ``[frames, cells]`` with NaN rows for missing frames (gaps): those frames
 are left out of the tokens (the tokenizers take irregular frame times), never filled with zeros.
@@ -33,7 +35,7 @@ import numpy as np
 from models.bundle import Bundle
 from models.decoder.tokenizers import collate, get_tokenizer
 from models.decoder.vocab import Vocab
-from models.runtime import ort_session
+from models.runtime import FixedShapeRunner, Runner, ort_session
 from models.tasks import class_names
 from service.ingest.errors import IngestError
 
@@ -129,6 +131,8 @@ class Engine:
         providers: Sequence[str] | None = None,
         trt_fp16: bool = False,
         trt_cache_dir: str | Path | None = None,
+        io_binding: bool | None = None,
+        fixed_shapes: bool = False,
     ):
         b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.bundle = b
@@ -177,8 +181,22 @@ class Engine:
             trt_fp16=trt_fp16,
             trt_cache_dir=trt_cache_dir,
         )
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.runner = Runner(self.session, io_binding=io_binding)
+        self.input_names = self.runner.input_names
+        self.output_names = self.runner.output_names
+        # the bundle's fixed-shape graphs (CUDA graphs on the CUDA provider), smallest first
+        self.fixed: list[FixedShapeRunner] = []
+        for spec in exp.get("fixed_shapes", []) if fixed_shapes else []:
+            sess = ort_session(
+                b.read_bytes(spec["file"]),
+                threads,
+                providers,
+                trt_fp16=trt_fp16,
+                trt_cache_dir=trt_cache_dir,
+                cuda_graph=True,
+            )
+            self.fixed.append(FixedShapeRunner(sess))
+        self.fixed.sort(key=lambda r: (r.batch * r.tokens, r.batch))
         missing = {"units", "activations"} - set(self.output_names)
         for t in self.task_names:
             missing |= {f"{t}.logits", f"{t}.probs", f"{t}.attributions"} - set(self.output_names)
@@ -293,8 +311,10 @@ class Engine:
         samples = [self.tokens(it) for it in items]
         batch = collate(samples, [it.plan.session_index for it in items])
         feeds = {k: batch[k] for k in self.input_names}
+        n_tokens = int(batch["mask"].shape[1])
+        runner = next((r for r in self.fixed if r.fits(len(items), n_tokens)), self.runner)
         t0 = time.perf_counter()
-        out = dict(zip(self.output_names, self.session.run(None, feeds), strict=True))
+        out = dict(zip(runner.output_names, runner.run(feeds), strict=True))
         model_ms = (time.perf_counter() - t0) * 1e3
         res = []
         for i, it in enumerate(items):

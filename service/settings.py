@@ -104,6 +104,11 @@ class ServiceSettings(Config):
     # cached ("" = <home>/trt-cache); the CUDA and CPU providers take no options
     trt_fp16: bool = False
     trt_cache_dir: str = ""
+    # ONNX Runtime I/O binding (outputs on the provider's device); None = on for CUDA/TensorRT
+    io_binding: bool | None = None
+    # run batches that fit one of the bundle's fixed-shape graphs (`cortexlens export
+    # --fixed-shape BxT`) through it, padded, with CUDA graphs on the CUDA provider
+    fixed_shapes: bool = False
     max_batch_size: int = Field(16, ge=1)
     # 0: a batch is whatever queued while the previous one ran (batches form under load only)
     batch_wait_timeout_s: float = Field(0.0, ge=0.0)

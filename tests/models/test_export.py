@@ -168,6 +168,39 @@ def test_export_bundle_is_verified_and_loads(setup, recs, tmp_path):
     assert got["units"].shape == (2, 5)
 
 
+def test_fixed_shape_graphs_in_a_bundle_match_pytorch_through_their_padding(setup, recs, tmp_path):
+    from models.bundle import verify_bundle
+    from models.export import fixed_model_file
+    from models.runtime import FixedShapeRunner
+
+    ckpt_dir, sae_dir, _, _ = setup
+    ckpt = Checkpoint.load(ckpt_dir)
+    cells = max(r.n_units for r in recs)
+    shapes = [(1, cells), (3, cells + 5)]
+    bundle = export_bundle(
+        ckpt_dir, sae_dir, None, tmp_path / "b", top_m=5, recordings=recs, fixed_shapes=shapes
+    )
+    assert verify_bundle(tmp_path / "b") == []
+    listed = bundle.read_json("config.json")["export"]["fixed_shapes"]
+    assert [(d["batch"], d["tokens"], d["file"]) for d in listed] == [
+        (b, n, fixed_model_file(b, n)) for b, n in shapes
+    ]
+    par = bundle.read_json("metrics.json")["parity"]
+    for b, n in shapes:
+        p = par[f"fixed_{b}x{n}"]
+        assert max(p["logits"], p["attributions"], p["additivity"]) < TOL, (b, n, p)
+    # against the dynamic graph of the same bundle, on real windows smaller than the graph
+    dyn = ort_session(bundle.read_bytes("model.onnx"))
+    runner = FixedShapeRunner(ort_session(bundle.read_bytes(fixed_model_file(3, cells + 5))))
+    assert (runner.batch, runner.tokens) == (3, cells + 5)
+    for batch in real_windows(ckpt, recs, per_session=2, seed=4):
+        want, got = run_ort(dyn, batch), run_ort(runner, batch)
+        assert got["units"].shape == (2, 5)
+        np.testing.assert_array_equal(got["units"], want["units"])
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=0, atol=TOL, err_msg=k)
+
+
 def test_export_cli(setup, tmp_path):
     import typer
     from typer.testing import CliRunner
@@ -194,6 +227,14 @@ def test_export_cli(setup, tmp_path):
     assert units["units"] == []  # no units file given: labels absent, said so
     r = CliRunner().invoke(app, ["export", str(ckpt_dir), "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and "--sae" in r.output
+    args = ["export", str(ckpt_dir), "--sae", str(sae_dir), "--top-m", "4", "--out"]
+    r = CliRunner().invoke(app, [*args, str(tmp_path / "f"), "--fixed-shape", "2x12"])
+    assert r.exit_code == 0, r.output
+    assert "fixed_2x12" in r.output and (tmp_path / "f" / "model.b2.t12.onnx").is_file()
+    for bad in ("2x", "0x12", "2by12", "-1x3"):
+        r = CliRunner().invoke(app, [*args, str(tmp_path / "g"), "--fixed-shape", bad])
+        assert r.exit_code == 2 and "BATCHxTOKENS" in r.output, (bad, r.output)
+        assert not (tmp_path / "g").exists()
 
 
 def test_models_export_imports_no_service_layer():

@@ -573,3 +573,69 @@ def test_model_info(engine, service_home):
     msg = wire.model_info_pb(info)
     assert msg.model.version == "v0001" and msg.default_top_m == 16
     assert [t.name for t in msg.tasks] == list(engine.task_names)
+
+
+# -- fixed-shape graphs --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fixed_engine(service_home, tmp_path_factory):
+    """The quick bundle plus a fixed-shape graph of 4 windows x 160 tokens (exported here from
+    the bundle's own weights, as `cortexlens export --fixed-shape 4x160` does), served through it
+    (``fixed_shapes=True``) and through I/O binding for everything else."""
+    from models.decoder.from_bundle import checkpoint_from_bundle, sae_from_bundle
+    from models.export import ExplainedDecoder, export_onnx, fixed_model_file
+
+    b = service_home.bundle
+    cfg = b.read_json("config.json")
+    model = ExplainedDecoder(
+        checkpoint_from_bundle(b).model, sae_from_bundle(b), int(cfg["export"]["top_m"])
+    ).eval()
+    root = tmp_path_factory.mktemp("fixed")
+    fname = fixed_model_file(4, 160)
+    export_onnx(model, root / fname, fixed=(4, 160))
+    cfg["export"]["fixed_shapes"] = [{"batch": 4, "tokens": 160, "file": fname}]
+    src = b.source_files() | {fname: root / fname, "config.json": json.dumps(cfg).encode()}
+    nb = write_bundle(
+        src, root / "bundle", name=b.name, version=b.version, provenance=b.provenance,
+        required=b.manifest.required,
+    )  # fmt: skip
+    return Engine(nb, fixed_shapes=True, io_binding=True)
+
+
+def test_fixed_shape_graph_serves_the_batches_it_holds_with_the_same_results(
+    engine, fixed_engine, recs
+):
+    from models.runtime import FixedShapeRunner
+
+    assert engine.fixed == [] and not engine.runner.io_binding  # CPU defaults: neither
+    (fixed,) = fixed_engine.fixed
+    assert isinstance(fixed, FixedShapeRunner) and (fixed.batch, fixed.tokens) == (4, 160)
+    assert fixed_engine.runner.io_binding
+    calls = []
+    run = fixed.run
+    fixed.run = lambda feeds: calls.append(feeds["mask"].shape) or run(feeds)
+    try:
+        sim, p1, p5 = recs["sim512"], recs[FOV1], recs[FOV5]
+        small = [_item(engine, p1, 800), _item(engine, p5, 1500, top_m=3)]
+        part = _item(engine, sim, 3000, session_id="sim-live", unit_ids=list(sim.unit_ids[:150]))
+        wide = _item(engine, sim, 1200)  # 512 cells: more tokens than the fixed graph holds
+        cases = [small, [small[0]], small + [part], [wide], small * 3]
+        for items in cases:
+            items_f = [
+                WindowItem(
+                    fixed_engine.plan(i.plan.session_id, i.plan.unit_ids),
+                    i.values,
+                    i.frame_times,
+                    i.end_time,
+                    i.top_m,
+                )
+                for i in items
+            ]
+            for a, b in zip(fixed_engine.run(items_f), engine.run(items), strict=True):
+                _assert_same(a, b, tol=1e-4)
+    finally:
+        fixed.run = run
+    # through the fixed graph: the three batches of <= 4 windows of <= 160 cells, not the
+    # 512-cell window nor the batch of 6
+    assert calls == [(2, 74), (1, 28), (3, 150)]
