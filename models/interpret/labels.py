@@ -266,15 +266,33 @@ class LabellingResult:
         return self.real.n_units
 
     def summary(self) -> dict:
-        """Per variable: labelled units in the real model and what each control would get."""
+        """Per variable: labelled units in the real model and what each control would get.
+
+        ``n_significant`` (and the controls' counts) use the q-values of the pipeline, BH over
+        units x variables. Because that family is pooled, one table's count for a variable
+        depends on its other variables: a trained decoder with hundreds of direction units at
+        the smallest p lets its weaker genetic p-values through, while a control with nothing
+        else significant does not pass the same p-values. The ``*_within_variable`` counts
+        (BH over one variable's units only) compare the tables on that variable alone."""
         a = self.cfg.alpha
         out = {}
         for name in self.real.variables:
+            within = {
+                k: int((bh_fdr(t.variables[name].p[t.variables[name].primary]) < a).sum())
+                for k, t in (
+                    ("real", self.real),
+                    ("random_init", self.random_init),
+                    ("shuffled", self.shuffled),
+                )
+            }
             out[name] = {
                 "n_labelled": int(self.labelled[name].sum()),
                 "n_significant": int((self.real.variables[name].q < a).sum()),
                 "random_init_n_significant": int((self.random_init.variables[name].q < a).sum()),
                 "shuffled_n_significant": int((self.shuffled.variables[name].q < a).sum()),
+                "n_significant_within_variable": within["real"],
+                "random_init_n_significant_within_variable": within["random_init"],
+                "shuffled_n_significant_within_variable": within["shuffled"],
                 "threshold_random_init": self.thresholds[name]["random_init"],
                 "threshold_shuffled": self.thresholds[name]["shuffled"],
                 "permutation_level": self.real.variables[name].level,

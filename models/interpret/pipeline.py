@@ -758,6 +758,16 @@ def support_notes(res: InterpretResult) -> list[str]:
                 f"({rnd}) as the trained one ({d['n_significant']}): selectivity for "
                 f"'{var}' is largely inherited from the input, not learned."
             )
+        rnd_w = d.get("random_init_n_significant_within_variable", 0)
+        real_w = d.get("n_significant_within_variable", 0)
+        if rnd_w and rnd_w >= real_w and rnd < d["n_significant"]:
+            notes.append(
+                f"'{var}': with the FDR controlled over the units x variables family the "
+                f"trained decoder has {d['n_significant']} significant units and the random-init "
+                f"control {rnd}, but over '{var}' alone the control has {rnd_w} and the trained "
+                f"decoder {real_w}: the pooled count rests on the trained decoder's other "
+                f"variables, not on '{var}'. Do not read it as '{var}' selectivity learned."
+            )
         thr = d.get("threshold_random_init")
         if thr is not None and np.isfinite(thr) and thr >= 1.0 - 1e-9:
             notes.append(
