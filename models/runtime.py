@@ -181,17 +181,17 @@ class FixedShapeRunner:
         return 1 <= batch <= self.batch and tokens <= self.tokens
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        first = np.asarray(feeds[self.input_names[0]])
-        b = int(first.shape[0])
-        t = int(first.shape[1]) if first.ndim >= 2 else 0
+        arrays = [np.asarray(feeds[name]) for name in self.input_names]
+        b = int(arrays[0].shape[0])
+        t = max((int(a.shape[1]) for a in arrays if a.ndim >= 2), default=0)
         if not self.fits(b, t):
             raise ValueError(
                 f"a batch of {b} windows x {t} tokens does not fit this graph "
                 f"({self.batch} x {self.tokens})"
             )
-        for name in self.input_names:
+        for name, a in zip(self.input_names, arrays, strict=True):
             v, dtype = self._inputs[name]
-            v.update_inplace(_pad(np.asarray(feeds[name], dtype=dtype), self.batch, self.tokens))
+            v.update_inplace(_pad(a.astype(dtype, copy=False), self.batch, self.tokens))
         self.session.run_with_iobinding(self._binding)
         return [o[:b] for o in self._binding.copy_outputs_to_cpu()]
 
