@@ -775,7 +775,7 @@ def support_notes(res: InterpretResult) -> list[str]:
                 f"statistic ({thr:.3f} at the control quantile): '{var}' is readable from an "
                 "untrained decoder's latent stream (the input carries it), so no unit of the "
                 f"trained decoder can beat that control ({d['n_significant']} pass the FDR test "
-                "alone)."
+                "of the pooled units x variables family)."
             )
     n_test = int((res.table.split == "test").sum())
     for var, d in res.heldout.items():
