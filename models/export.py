@@ -247,7 +247,7 @@ def export_onnx(
         if b < 1 or n < 1:
             raise ValueError(f"a fixed shape needs batch >= 1 and tokens >= 1, got {b} x {n}")
         sim = simulated_batch(model.decoder, b, n, seed=0)  # >= n tokens, or all units
-        example = pad_batch({k: v[:, :n] if v.ndim >= 2 else v for k, v in sim.items()}, b, n)
+        example = pad_batch(_first_tokens(sim, n), b, n)
         ds = None
     else:
         if example is None:
@@ -300,9 +300,9 @@ def pad_batch(batch: Mapping[str, Tensor], size: int, tokens: int) -> dict[str, 
     """``batch`` padded to ``size`` windows of ``tokens`` tokens the way
     `models.runtime.FixedShapeRunner` pads (zeros after the tokens, ``mask`` False; extra
     windows repeat the first)."""
-    from models.runtime import _pad
+    from models.runtime import pad_windows
 
-    return {k: torch.from_numpy(_pad(v.numpy(), size, tokens)) for k, v in batch.items()}
+    return {k: torch.from_numpy(pad_windows(v.numpy(), size, tokens)) for k, v in batch.items()}
 
 
 def fixed_model_file(batch: int, tokens: int) -> str:
@@ -474,8 +474,9 @@ def export_bundle(
             simulated_batch(ckpt.model, 3, 11, seed=2, n_pad=3),
         ]
         par: dict[str, Any] = {"tolerance": PARITY_TOL, "simulated": parity(model, sess, sim)}
-        if recordings:
-            par["real"] = parity(model, sess, real_windows(ckpt, recordings))
+        real = real_windows(ckpt, recordings) if recordings else []
+        if real:
+            par["real"] = parity(model, sess, real)
         fixed_files: dict[str, Path] = {}
         fixed_doc = []
         for b, n in sorted({(int(b), int(n)) for b, n in fixed_shapes}):
@@ -483,10 +484,10 @@ def export_bundle(
             path = export_onnx(model, Path(tmp) / fname, opset=opset, fixed=(b, n))
             runner = FixedShapeRunner(ort_session(path))
             # fewer windows and tokens than the graph holds, so that its padding is exercised
-            sim = simulated_batch(ckpt.model, max(b - 1, 1), 7, seed=3)
-            small = {k: v[:, : max(n - 1, 1)] if v.ndim >= 2 else v for k, v in sim.items()}
-            fit = [small] + [w for w in real_windows(ckpt, recordings or []) if _fits(w, b, n)]
-            par[f"fixed_{b}x{n}"] = parity(model, runner, [_cut(w, n) for w in fit])
+            small = simulated_batch(ckpt.model, max(b - 1, 1), 7, seed=3)
+            fit = [_first_tokens(small, max(n - 1, 1))]
+            fit += [_first_tokens(w, n) for w in real if _fits(w, b, n)]  # drops padding only
+            par[f"fixed_{b}x{n}"] = parity(model, runner, fit)
             fixed_files[fname] = path
             fixed_doc.append({"batch": b, "tokens": n, "file": fname})
         if check:
@@ -572,10 +573,8 @@ def _fits(batch: Mapping[str, Tensor], size: int, tokens: int) -> bool:
     return batch["mask"].shape[0] <= size and int(batch["mask"].sum(1).max()) <= tokens
 
 
-def _cut(batch: Mapping[str, Tensor], tokens: int) -> dict[str, Tensor]:
-    """``batch`` with trailing all-padding token columns dropped down to ``tokens``."""
-    if batch["mask"].shape[1] <= tokens:
-        return dict(batch)
+def _first_tokens(batch: Mapping[str, Tensor], tokens: int) -> dict[str, Tensor]:
+    """The first ``tokens`` token columns of every window of ``batch`` (all, when fewer)."""
     return {k: v[:, :tokens] if v.ndim >= 2 else v for k, v in batch.items()}
 
 

@@ -191,7 +191,7 @@ class FixedShapeRunner:
             )
         for name, a in zip(self.input_names, arrays, strict=True):
             v, dtype = self._inputs[name]
-            v.update_inplace(_pad(a.astype(dtype, copy=False), self.batch, self.tokens))
+            v.update_inplace(pad_windows(a.astype(dtype, copy=False), self.batch, self.tokens))
         self.session.run_with_iobinding(self._binding)
         return [o[:b] for o in self._binding.copy_outputs_to_cpu()]
 
@@ -205,7 +205,7 @@ _ORT_NUMPY = {
 }
 
 
-def _pad(a: np.ndarray, batch: int, tokens: int) -> np.ndarray:
+def pad_windows(a: np.ndarray, batch: int, tokens: int) -> np.ndarray:
     """``a`` [b, (t, ...)] -> [batch, (tokens, ...)]: zeros after its tokens, then rows that
     repeat its first window."""
     if a.ndim >= 2 and a.shape[1] < tokens:

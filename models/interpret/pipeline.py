@@ -758,8 +758,8 @@ def support_notes(res: InterpretResult) -> list[str]:
                 f"({rnd}) as the trained one ({d['n_significant']}): selectivity for "
                 f"'{var}' is largely inherited from the input, not learned."
             )
-        rnd_w = d.get("random_init_n_significant_within_variable", 0)
-        real_w = d.get("n_significant_within_variable", 0)
+        rnd_w = d["random_init_n_significant_within_variable"]
+        real_w = d["n_significant_within_variable"]
         if rnd_w and rnd_w >= real_w and rnd < d["n_significant"]:
             notes.append(
                 f"'{var}': with the FDR controlled over the units x variables family the "
